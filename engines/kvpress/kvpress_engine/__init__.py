@@ -1,0 +1,1 @@
+"""kvpress engine (filled by the engine work)."""

