@@ -86,6 +86,7 @@ class DatasetCfg(Strict):
 
 class BinningCfg(Strict):
     strategy: Literal["explicit", "quantile"] = "explicit"
+    by: Literal["final_tokens", "original_tokens"] = "final_tokens"
     edges: list[int] = Field(default_factory=lambda: [0, 4000, 8000, 16000, 32000])
     n_bins: int = Field(default=4, ge=1)
     n_per_bin: Optional[int] = Field(default=None, ge=1)  # None = keep all
@@ -95,8 +96,11 @@ class BinningCfg(Strict):
     def _edges(self) -> "BinningCfg":
         if self.strategy == "explicit":
             e = self.edges
-            if len(e) < 2 or any(b <= a for a, b in zip(e, e[1:])):
-                raise ValueError("edges must be at least two strictly increasing token counts")
+            if len(e) < 1 or e[0] != 0 or any(b <= a for a, b in zip(e, e[1:])):
+                raise ValueError(
+                    "edges must be strictly increasing token counts starting at 0 "
+                    "(bins are [e0,e1) … [e_last,∞))"
+                )
         return self
 
 

