@@ -1,0 +1,263 @@
+"""Engine specs: `engines/<name>/engine.yaml` (data) → `ResolvedSpec` (a plain value).
+
+Engine differences live in the YAML, never in if-branches of the runner: a KV method is either
+server args (vLLM/SGLang: one container per method) or per-request body fields (kvpress: one
+loaded model serves many methods/budgets).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kv_transition.errors import ConfigError
+
+SECRET_ENV = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD)", re.I)
+
+
+def engines_root() -> Path:
+    """The repo's engines/ dir (next to harness/), or $KVT_ENGINES_DIR."""
+    import os
+
+    env = os.environ.get("KVT_ENGINES_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3] / "engines"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HealthDef(_Strict):
+    path: str = "/health"
+    readiness_timeout_s: float = 900.0
+    interval_s: float = 1.0
+
+
+class MetricsDef(_Strict):
+    path: Optional[str] = "/metrics"
+    kv_usage: list[str] = Field(default_factory=list)  # metric names meaning "KV cache usage"
+
+
+class BuildDef(_Strict):
+    context: str
+    dockerfile: str = "Dockerfile"
+    args: dict[str, str] = Field(default_factory=dict)
+
+
+class MethodDef(_Strict):
+    description: str = ""
+    args: list[str] = Field(default_factory=list)           # server args (server-mode engines)
+    request: dict[str, Any] = Field(default_factory=dict)   # body fields merged into every request
+    env: dict[str, str] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)    # defaults for {placeholders} in args
+    supports: list[Literal["compression_ratio", "budget"]] = Field(default_factory=list)
+    baseline: bool = False                                   # the full-cache reference of this engine
+
+
+class EngineDef(_Strict):
+    name: str
+    description: str = ""
+    image: str
+    tag: str
+    digest: Optional[str] = None  # sha256:… when pinned (kvt lock fills a lock file instead)
+    build: Optional[BuildDef] = None
+    command: list[str] = Field(default_factory=list)  # entrypoint override; for process runtime the argv head
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    passthrough_env: list[str] = Field(default_factory=lambda: ["HF_TOKEN"])  # copied from the host env if set
+    health: HealthDef = Field(default_factory=HealthDef)
+    models_path: str = "/v1/models"
+    metrics: MetricsDef = Field(default_factory=MetricsDef)
+    concurrency: int = 8
+    gpu: bool = True
+    ipc_mode: Optional[str] = "host"
+    shm_size: Optional[str] = None
+    method_mode: Literal["server", "request"] = "server"
+    request: dict[str, Any] = Field(default_factory=dict)  # fields in every request body
+    send_add_special_tokens: bool = True  # pass each manifest entry's add_special_tokens in the body
+    methods: dict[str, MethodDef]
+
+
+def load_engine(name: str, root: Optional[Path] = None) -> EngineDef:
+    root = root or engines_root()
+    path = root / name / "engine.yaml"
+    if not path.is_file():
+        known = sorted(p.parent.name for p in root.glob("*/engine.yaml"))
+        raise ConfigError(f"engine.name: unknown engine {name!r} (known: {', '.join(known) or 'none'}; looked in {root})")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return EngineDef.model_validate(data)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    except ValidationError as e:
+        er = e.errors()[0]
+        raise ConfigError(f"{path}: {'.'.join(map(str, er['loc']))}: {er['msg']}") from None
+
+
+def list_engines(root: Optional[Path] = None) -> list[str]:
+    root = root or engines_root()
+    return sorted(p.parent.name for p in root.glob("*/engine.yaml"))
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """Everything needed to start one engine for one KV method — a plain, printable value."""
+
+    engine: str
+    method: str
+    compression_ratio: Optional[float]
+    budget: Optional[int]
+    method_mode: str
+    image: str
+    tag: str
+    digest: Optional[str]
+    command: list[str]
+    args: list[str]
+    env: dict[str, str]
+    gpus: list[int]
+    host: str
+    port: int
+    ipc_mode: Optional[str]
+    shm_size: Optional[str]
+    health_path: str
+    readiness_timeout_s: float
+    health_interval_s: float
+    models_path: str
+    metrics_path: Optional[str]
+    kv_usage_metrics: list[str]
+    concurrency: int
+    request_extras: dict[str, Any] = field(default_factory=dict)
+    served_model: str = ""
+    build: Optional[dict[str, Any]] = None
+    gpu: bool = True
+    send_add_special_tokens: bool = True
+
+    @property
+    def image_ref(self) -> str:
+        return f"{self.image}@{self.digest}" if self.digest else f"{self.image}:{self.tag}"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def server_key(self) -> str:
+        """Cells with the same server key can share one running engine (request-mode methods)."""
+        return "|".join([self.engine, self.image_ref, shlex.join(self.command + self.args),
+                         ",".join(map(str, self.gpus))])
+
+    def masked_env(self) -> dict[str, str]:
+        return {k: ("***" if SECRET_ENV.search(k) and v else v) for k, v in self.env.items()}
+
+    def to_dict(self, mask: bool = True) -> dict[str, Any]:
+        d = asdict(self)
+        if mask:
+            d["env"] = self.masked_env()
+        d["image_ref"] = self.image_ref
+        return d
+
+    def docker_run(self) -> str:
+        """The exact `docker run` equivalent (secrets masked), for dry runs."""
+        parts = ["docker", "run", "--rm", "--network", "host"]
+        if self.ipc_mode:
+            parts += ["--ipc", self.ipc_mode]
+        if self.shm_size:
+            parts += ["--shm-size", self.shm_size]
+        if self.gpu and self.gpus:
+            parts += ["--gpus", f'"device={",".join(map(str, self.gpus))}"']
+        for k, v in sorted(self.masked_env().items()):
+            parts += ["-e", f"{k}={v}"]
+        if self.command:
+            parts += ["--entrypoint", self.command[0]]
+        parts.append(self.image_ref)
+        parts += self.command[1:] + self.args
+        return shlex.join(parts).replace("'\"device=", "\"device=").replace("\"'", "\"")
+
+
+def _fill(items: list[str], values: dict[str, Any], where: str) -> list[str]:
+    out = []
+    for a in items:
+        try:
+            out.append(a.format(**values))
+        except KeyError as e:
+            raise ConfigError(f"{where}: placeholder {{{e.args[0]}}} has no value") from None
+    return out
+
+
+def resolve(
+    eng: EngineDef,
+    method: str,
+    *,
+    compression_ratio: Optional[float] = None,
+    budget: Optional[int] = None,
+    model_path: str,
+    served_model: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    gpus: Optional[list[int]] = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_context: int = 8192,
+    tensor_parallel: int = 1,
+    extra_args: Optional[list[str]] = None,
+    env: Optional[dict[str, str]] = None,
+    host_env: Optional[dict[str, str]] = None,
+    digest: Optional[str] = None,
+    params: Optional[dict[str, Any]] = None,
+) -> ResolvedSpec:
+    if method not in eng.methods:
+        raise ConfigError(f"kv.method: engine {eng.name!r} has no method {method!r} (known: {', '.join(eng.methods)})")
+    m = eng.methods[method]
+    for name, val in (("compression_ratio", compression_ratio), ("budget", budget)):
+        if val is not None and name not in m.supports:
+            raise ConfigError(f"kv.{name}: method {eng.name}/{method} does not take a {name}")
+    values = {"model_path": model_path, "served_model": served_model, "host": host, "port": port,
+              "device": device, "dtype": dtype, "max_context": max_context, "tp": tensor_parallel,
+              **m.params, **(params or {})}
+    args = _fill(eng.args, values, f"engines/{eng.name}/engine.yaml: args")
+    args += _fill(m.args, values, f"engines/{eng.name}/engine.yaml: methods.{method}.args")
+    args += list(extra_args or [])
+    full_env = dict(eng.env)
+    full_env.update(m.env)
+    for k in eng.passthrough_env:
+        if host_env and host_env.get(k):
+            full_env[k] = host_env[k]
+    full_env.update(env or {})
+    extras = copy.deepcopy(eng.request)
+    _merge_into(extras, copy.deepcopy(m.request))
+    if eng.method_mode == "request":
+        # the per-request method carrier: the first dict field of the method's request (e.g. kv_press)
+        carrier = next((k for k, v in m.request.items() if isinstance(v, dict)), None)
+        if carrier is not None:
+            if compression_ratio is not None:
+                extras[carrier]["compression_ratio"] = compression_ratio
+            if budget is not None:
+                extras[carrier]["budget"] = budget
+    return ResolvedSpec(
+        engine=eng.name, method=method, compression_ratio=compression_ratio, budget=budget,
+        method_mode=eng.method_mode, image=eng.image, tag=eng.tag, digest=digest or eng.digest,
+        command=list(eng.command), args=args, env=full_env, gpus=list(gpus or []), host=host, port=port,
+        ipc_mode=eng.ipc_mode, shm_size=eng.shm_size, health_path=eng.health.path,
+        readiness_timeout_s=eng.health.readiness_timeout_s, health_interval_s=eng.health.interval_s,
+        models_path=eng.models_path, metrics_path=eng.metrics.path, kv_usage_metrics=list(eng.metrics.kv_usage),
+        concurrency=eng.concurrency, request_extras=extras, served_model=served_model,
+        build=eng.build.model_dump() if eng.build else None, gpu=eng.gpu,
+        send_add_special_tokens=eng.send_add_special_tokens,
+    )
+
+
+def _merge_into(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge_into(dst[k], v)
+        else:
+            dst[k] = v

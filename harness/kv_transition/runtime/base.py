@@ -1,0 +1,106 @@
+"""One lifecycle interface for every runtime (docker | process | external).
+
+    rt = get_runtime("process")
+    with rt.running(spec, labels, log_path) as inst:   # start → wait healthy → … → stop, always
+        inst.base_url
+
+`running` stops the engine on normal end, exception, SIGINT and SIGTERM. A runtime never knows
+about KV methods, manifests or the DB: it starts a `ResolvedSpec` and reports an `Instance`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from kv_transition.engines.spec import ResolvedSpec
+from kv_transition.errors import KvtError
+
+OWNER_LABEL = "kv-transition.owner"
+GROUP_LABEL = "kv-transition.group"
+CELL_LABEL = "kv-transition.cell"
+
+
+class EngineStartError(KvtError):
+    """The engine exited or never became healthy. Carries the exit code and the last log lines."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, returncode: Optional[int] = None, log_tail: str = ""):
+        super().__init__(message + (f"\n--- last log lines ---\n{log_tail}" if log_tail else ""))
+        self.returncode = returncode
+        self.log_tail = log_tail
+
+
+@dataclass
+class Instance:
+    """A started engine. `info` is what gets recorded in engine_instances."""
+
+    runtime: str
+    base_url: str
+    spec: ResolvedSpec
+    ident: str = ""                      # container id / pid / url
+    pids: list[int] = field(default_factory=list)  # host pids to sample with psutil (process tree roots)
+    gpu_uuids: list[str] = field(default_factory=list)
+    log_path: Optional[Path] = None
+    image_digest: Optional[str] = None
+    started_at: Optional[str] = None
+    ready_at: Optional[str] = None
+    stopped_at: Optional[str] = None
+    exit_code: Optional[int] = None
+    handle: Any = None                   # runtime-private (Popen, Container, …)
+
+
+class Runtime(ABC):
+    name: str = "base"
+
+    @abstractmethod
+    def start(self, spec: ResolvedSpec, labels: dict[str, str], log_path: Optional[Path]) -> Instance:
+        """Start the engine (non-blocking)."""
+
+    @abstractmethod
+    def wait_ready(self, inst: Instance, timeout_s: Optional[float] = None) -> None:
+        """Block until health answers 200; raise EngineStartError early if the engine exits."""
+
+    @abstractmethod
+    def is_running(self, inst: Instance) -> bool: ...
+
+    @abstractmethod
+    def stop(self, inst: Instance, timeout_s: float = 20.0) -> None:
+        """Stop and remove; idempotent; records exit_code and stopped_at."""
+
+    def log_tail(self, inst: Instance, n: int = 40) -> str:
+        if inst.log_path and inst.log_path.is_file():
+            return "\n".join(inst.log_path.read_text(errors="replace").splitlines()[-n:])
+        return ""
+
+    @contextmanager
+    def running(self, spec: ResolvedSpec, labels: dict[str, str], log_path: Optional[Path] = None) -> Iterator[Instance]:
+        from kv_transition.runtime.signals import stop_on_signals
+
+        inst = self.start(spec, labels, log_path)
+        try:
+            with stop_on_signals(lambda: self.stop(inst)):
+                self.wait_ready(inst)
+                yield inst
+        finally:
+            self.stop(inst)
+
+
+def get_runtime(name: str, **kwargs: Any) -> Runtime:
+    if name == "docker":
+        from kv_transition.runtime.docker import DockerRuntime
+
+        return DockerRuntime(**kwargs)
+    if name == "process":
+        from kv_transition.runtime.process import ProcessRuntime
+
+        return ProcessRuntime(**kwargs)
+    if name == "external":
+        from kv_transition.runtime.external import ExternalRuntime
+
+        return ExternalRuntime(**kwargs)
+    raise KvtError(f"engine.runtime: unknown runtime {name!r} (docker, process, external)")
