@@ -41,7 +41,9 @@ class LongBenchCfg(Strict):
     tasks: list[str] = Field(default_factory=lambda: ["hotpotqa"])
     source: Literal["parquet", "zip", "jsonl", "dir"] = "parquet"
     parquet_repo: str = "zai-org/LongBench"  # a parquet mirror id on the Hub (configurable)
-    parquet_revision: Optional[str] = None
+    # branch/tag/commit; the default is the Hub's parquet export of the official script dataset
+    # (<task>/test/0000.parquet). null = main. See kv_transition.datasets.longbench.PARQUET_LAYOUTS.
+    parquet_revision: Optional[str] = "refs/convert/parquet"
     path: Optional[str] = None  # data.zip, an extracted directory, or a jsonl file
     split: str = "test"
     limit: Optional[int] = None  # per task, after loading (deterministic: first N)
@@ -52,8 +54,13 @@ class SyntheticCfg(Strict):
     tasks: list[str] = Field(default_factory=lambda: ["passkey"])
     lengths: list[int] = Field(default_factory=lambda: [1024, 2048, 4096])
     depths: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
-    n_per_length: int = 1  # examples per (task, length, depth)
+    n_per_length: int = Field(default=1, ge=1)  # examples per (task, length, depth)
     seed: int = 0
+    num_keys: int = Field(default=4, ge=2, le=64)  # niah_multikey: needles (1 asked + distractors)
+    num_values: int = Field(default=4, ge=2, le=64)  # niah_multivalue: values of the one key
+    # auto: count the full context for the first examples and a sample, every one once the
+    # tokenizer proves non-additive over sentences; all: count every context
+    verify_tokens: Literal["auto", "all"] = "auto"
 
     @field_validator("lengths")
     @classmethod
