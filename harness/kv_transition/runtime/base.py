@@ -13,12 +13,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from kv_transition.engines.spec import ResolvedSpec
 from kv_transition.errors import KvtError
 
+LABEL_PREFIX = "kv-transition."
+OWNER = "kv-transition"
 OWNER_LABEL = "kv-transition.owner"
 GROUP_LABEL = "kv-transition.group"
 CELL_LABEL = "kv-transition.cell"
@@ -70,24 +73,60 @@ class Runtime(ABC):
 
     @abstractmethod
     def stop(self, inst: Instance, timeout_s: float = 20.0) -> None:
-        """Stop and remove; idempotent; records exit_code and stopped_at."""
+        """Stop and remove; idempotent (also when re-entered from a signal handler); records
+        exit_code and stopped_at."""
 
     def log_tail(self, inst: Instance, n: int = 40) -> str:
         if inst.log_path and inst.log_path.is_file():
             return "\n".join(inst.log_path.read_text(errors="replace").splitlines()[-n:])
         return ""
 
+    def stop_all(self) -> None:
+        """Stop every instance this runtime object started and has not stopped yet."""
+        for inst in list(getattr(self, "_live", {}).values()):
+            self.stop(inst)
+
+    def _track(self, inst: Instance) -> None:
+        if not hasattr(self, "_live"):
+            self._live: dict[int, Instance] = {}
+        self._live[id(inst)] = inst
+
+    def _untrack(self, inst: Instance) -> None:
+        getattr(self, "_live", {}).pop(id(inst), None)
+
     @contextmanager
     def running(self, spec: ResolvedSpec, labels: dict[str, str], log_path: Optional[Path] = None) -> Iterator[Instance]:
+        """start → wait_ready → yield → stop, on normal end, exception, SIGINT and SIGTERM.
+
+        The signal handlers are installed before `start`, so a Ctrl-C during startup also stops
+        whatever was started (everything this runtime tracks), then raises KeyboardInterrupt
+        (SIGINT) or SystemExit(143) (SIGTERM). Leftovers from a SIGKILL'd harness: `kvt cleanup`.
+        """
         from kv_transition.runtime.signals import stop_on_signals
 
-        inst = self.start(spec, labels, log_path)
-        try:
-            with stop_on_signals(lambda: self.stop(inst)):
+        with stop_on_signals(self.stop_all):
+            inst = self.start(spec, labels, log_path)
+            try:
                 self.wait_ready(inst)
                 yield inst
-        finally:
-            self.stop(inst)
+            finally:
+                self.stop(inst)
+
+
+def full_labels(labels: Optional[dict[str, str]]) -> dict[str, str]:
+    """Caller labels → container/registry labels: `group`/`cell` (or any key without a dot) get the
+    `kv-transition.` prefix; dotted keys are kept; the owner label is always set."""
+    out = {OWNER_LABEL: OWNER}
+    for k, v in (labels or {}).items():
+        if v is None:
+            continue
+        out[k if "." in k else f"{LABEL_PREFIX}{k}"] = str(v)
+    out[OWNER_LABEL] = OWNER
+    return out
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def get_runtime(name: str, **kwargs: Any) -> Runtime:

@@ -1,0 +1,70 @@
+"""Health polling shared by the runtimes: GET base_url+health_path until 200, watching the engine."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Callable, Optional
+from urllib.parse import urlsplit
+
+import httpx
+
+from kv_transition.runtime.base import EngineStartError
+
+#: returns None while the engine is alive, or its exit code once it has exited
+AliveFn = Callable[[], Optional[int]]
+
+
+def probe(url: str, timeout_s: float = 2.0) -> tuple[bool, str]:
+    """One health GET: (ok, short reason)."""
+    try:
+        r = httpx.get(url, timeout=timeout_s)
+    except httpx.HTTPError as e:
+        return False, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return r.status_code == 200, f"HTTP {r.status_code}"
+
+
+def wait_healthy(
+    url: str,
+    *,
+    timeout_s: float,
+    interval_s: float = 1.0,
+    alive: Optional[AliveFn] = None,
+    log_tail: Callable[[], str] = lambda: "",
+    what: str = "engine",
+) -> float:
+    """Poll `url` until it answers 200; return the seconds waited.
+
+    Raises EngineStartError early (with exit code and log tail) as soon as `alive()` reports an exit,
+    and on timeout (with the last probe's reason and the log tail).
+    """
+    t0 = time.monotonic()
+    deadline = t0 + timeout_s
+    interval_s = max(0.05, interval_s or 0.25)
+    reason = "not probed yet"
+    while True:
+        if alive is not None:
+            code = alive()
+            if code is not None:
+                raise EngineStartError(f"{what} exited with code {code} before it became healthy ({url})",
+                                       returncode=code, log_tail=log_tail())
+        ok, reason = probe(url, timeout_s=min(2.0, max(0.2, deadline - time.monotonic())))
+        if ok:
+            return time.monotonic() - t0
+        now = time.monotonic()
+        if now >= deadline:
+            raise EngineStartError(f"{what} not healthy after {timeout_s:g}s at {url} (last probe: {reason})",
+                                   log_tail=log_tail())
+        time.sleep(min(interval_s, max(0.0, deadline - now)))
+
+
+def port_in_use(base_url: str) -> bool:
+    """True when something already accepts connections on base_url's host:port."""
+    u = urlsplit(base_url)
+    host = u.hostname or "127.0.0.1"
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False

@@ -1,0 +1,65 @@
+"""Helpers around the TEST DOUBLE server (fake_openai_server.py) for runtime and runner tests.
+
+    from fake_engine import fake_spec, free_port        # tests/fakes is put on sys.path by conftests
+    spec = fake_spec(runtime="process", fault=["--crash-after", "3"])
+    spec = fake_spec(runtime="docker", fault=[...])     # image kvt-test-engine:latest (see docker_image.py)
+
+Or without a runtime, in-process: `serve_in_thread(["--fail-first", "2"])` → (base_url, server, thread).
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+FAKES_DIR = Path(__file__).resolve().parent
+FAKE_SERVER = FAKES_DIR / "fake_openai_server.py"
+TEST_IMAGE = "kvt-test-engine"
+TEST_TAG = "latest"
+SERVER_IN_IMAGE = "/opt/kvt/fake_openai_server.py"
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fake_spec(runtime: str = "process", fault: Sequence[str] = (), *, port: Optional[int] = None,
+              readiness_timeout_s: float = 20.0, env: Optional[dict[str, str]] = None, **overrides: Any):
+    """A ResolvedSpec that starts the fake server (as a local process, or from the test image)."""
+    from kv_transition.engines.spec import ResolvedSpec
+
+    port = port or free_port()
+    args = ["--host", "127.0.0.1", "--port", str(port), *fault]
+    if runtime == "docker":
+        command: list[str] = []  # the image's entrypoint: python3 -u /opt/kvt/fake_openai_server.py
+    else:
+        command = ["python", "-u", str(FAKE_SERVER)]
+    fields: dict[str, Any] = dict(
+        engine="fake", method="full", compression_ratio=None, budget=None, method_mode="server",
+        image=TEST_IMAGE, tag=TEST_TAG, digest=None, command=command, args=args, env=dict(env or {}),
+        gpus=[], host="127.0.0.1", port=port, ipc_mode=None, shm_size="64m", health_path="/health",
+        readiness_timeout_s=readiness_timeout_s, health_interval_s=0.1, models_path="/v1/models",
+        metrics_path="/metrics", kv_usage_metrics=["vllm:kv_cache_usage_perc"], concurrency=4,
+        request_extras={}, served_model="fake-model", build=None, gpu=False, send_add_special_tokens=True,
+    )
+    fields.update(overrides)
+    return ResolvedSpec(**fields)
+
+
+def serve_in_thread(fault: Sequence[str] = (), port: int = 0):
+    """Run the fake in this process (no fork): returns (base_url, server, thread); call server.shutdown()."""
+    if str(FAKES_DIR) not in sys.path:
+        sys.path.insert(0, str(FAKES_DIR))
+    import fake_openai_server as f
+
+    opts = f.parse_args(["--port", str(port), *fault])
+    srv = f.make_server(opts)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    return f"http://127.0.0.1:{srv.server_address[1]}", srv, t
