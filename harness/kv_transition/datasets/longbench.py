@@ -614,3 +614,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
     os.replace(tmp, path)
+
+
+#: alias used by the prompt builder
+NO_CHAT_TASKS = NO_CHAT_TEMPLATE_TASKS
