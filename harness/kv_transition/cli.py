@@ -114,6 +114,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_prepare(args)
 
 
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    """Remove leftover engine containers (by label) and engine process groups (pidfile registry)."""
+    from kv_transition.runtime.cleanup import cleanup
+
+    rep = cleanup(group=args.group, runtime=args.runtime, registry_dir=args.registry, dry_run=args.dry_run)
+    for line in rep.skipped:
+        sys.stderr.write(f"kvt: note: {line}\n")
+    lines = rep.lines()
+    for line in lines:
+        print(line)
+    if not lines:
+        print("nothing to clean up" + (f" for group {args.group!r}" if args.group else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kvt", description="kv-transition: where does KV-cache compression start to cost accuracy?")
     p.add_argument("--version", action="version", version=f"kv-transition {__version__}")
@@ -135,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sp = add("demo", cmd_demo, "the main job on the embedded default (offline, CPU)")
     sp.add_argument("-q", "--quiet", action="store_true")
+
+    sp = add("cleanup", cmd_cleanup, "remove leftover engine containers/processes started by kvt", config=False)
+    sp.add_argument("--group", help="only this experiment group (label kv-transition.group)")
+    sp.add_argument("--runtime", choices=["all", "docker", "process"], default="all",
+                    help="what to clean (default all; with all, an unreachable Docker daemon is only a note)")
+    sp.add_argument("--registry", metavar="DIR", help="the process runtime's pidfile registry "
+                    "(default $KVT_STATE_DIR/processes or ~/.local/state/kv-transition/processes)")
+    sp.add_argument("-n", "--dry-run", action="store_true", help="list, remove nothing")
 
     m = sub.add_parser("manifest", help="manifest tools")
     msub = m.add_subparsers(dest="manifest_command", metavar="SUBCOMMAND", parser_class=_Parser)
