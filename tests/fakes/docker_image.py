@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fake_engine import FAKE_SERVER, SERVER_IN_IMAGE, TEST_IMAGE, TEST_TAG
+from tests.fakes.fake_engine import FAKE_SERVER, SERVER_IN_IMAGE, TEST_IMAGE, TEST_TAG
 
 BASE_REPO, BASE_TAG = "kvt-test-base", "bookworm"
 BASE_REF = f"{BASE_REPO}:{BASE_TAG}"

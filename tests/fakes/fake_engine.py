@@ -1,16 +1,16 @@
 """Helpers around the TEST DOUBLE server (fake_openai_server.py) for runtime and runner tests.
 
-    from fake_engine import fake_spec, free_port        # tests/fakes is put on sys.path by conftests
+    from tests.fakes.fake_engine import fake_spec, free_port   # repo root on sys.path (pytest does it)
     spec = fake_spec(runtime="process", fault=["--crash-after", "3"])
     spec = fake_spec(runtime="docker", fault=[...])     # image kvt-test-engine:latest (see docker_image.py)
 
-Or without a runtime, in-process: `serve_in_thread(["--fail-first", "2"])` → (base_url, server, thread).
+Or without a runtime, in-process: `serve_in_thread(["--fail-first", "2"])` → (base_url, server, thread)
+(startup and crash knobs act only when the fake runs as its own process: --crash-after would exit pytest).
 """
 
 from __future__ import annotations
 
 import socket
-import sys
 import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -54,12 +54,40 @@ def fake_spec(runtime: str = "process", fault: Sequence[str] = (), *, port: Opti
 
 def serve_in_thread(fault: Sequence[str] = (), port: int = 0):
     """Run the fake in this process (no fork): returns (base_url, server, thread); call server.shutdown()."""
-    if str(FAKES_DIR) not in sys.path:
-        sys.path.insert(0, str(FAKES_DIR))
-    import fake_openai_server as f
+    from tests.fakes import fake_openai_server as f
 
     opts = f.parse_args(["--port", str(port), *fault])
     srv = f.make_server(opts)
     t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
     return f"http://127.0.0.1:{srv.server_address[1]}", srv, t
+
+
+def spawn_child(runtime: str, group: str, log_path: Path, registry: Optional[Path] = None,
+                fault: Sequence[str] = (), timeout_s: float = 30.0):
+    """Start `python -m tests.fakes.run_engine_child` (a harness holding one fake engine in `running()`);
+    return (popen, ident) once it printed READY. The caller signals/kills it."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    repo = FAKES_DIR.parents[1]
+    argv = [sys.executable, "-m", "tests.fakes.run_engine_child", runtime, group, str(log_path)]
+    if registry is not None:
+        argv.append(str(registry))
+    if fault:
+        argv += ["--", *fault]
+    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen(argv, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + timeout_s
+    line = ""
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if line.startswith("READY") or p.poll() is not None:
+            break
+    if not line.startswith("READY"):
+        p.kill()
+        out, err = p.communicate(timeout=10)
+        raise AssertionError(f"child harness never became ready (rc={p.returncode}): {line}{out}\n{err}")
+    return p, line.split()[1]
