@@ -38,11 +38,11 @@ def prompt_specs(cfg: Config, paths: Paths, tasks: set[str]) -> dict[str, Prompt
         return specs
     d2p, d2m = longbench.load_prompt_config(cfg.dataset.longbench.prompt_config, paths.data_root)
     for t in tasks:
-        base = t[:-2] if t.endswith("_e") else t
+        key = longbench.prompt_key(t)
         specs[t] = PromptSpec(
-            template=d2p[base],
-            max_new_tokens=override or int(d2m[base]),
-            chat=base not in longbench.NO_CHAT_TASKS,
+            template=d2p[key],
+            max_new_tokens=override or int(d2m[key]),
+            chat=t not in longbench.NO_CHAT_TEMPLATE_TASKS,
         )
     return specs
 

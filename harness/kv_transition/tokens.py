@@ -106,18 +106,76 @@ def _load_hf_dir(path: Path, name: str, revision: str, kind: str) -> Tokenizer:
     return Tokenizer(name=name, revision=revision, kind=kind, _hf=tok)
 
 
+# llama.cpp pre-tokenizer names → the HF pre-tokenizer of the original model (byte-level BPE).
+_DIGITS_INDIVIDUAL = {"smollm", "qwen2", "deepseek-llm", "deepseek-coder", "starcoder", "refact"}
+
+
+def _byte_level_from_gguf(gguf: Path) -> Any:
+    """A fast HF tokenizer rebuilt from a byte-level BPE GGUF (tokenizer.ggml.model == 'gpt2').
+
+    transformers 5.2's own GGUF conversion of such files yields a tokenizer that maps every space
+    to <|endoftext|> (token counts about 2x, garbage for the model), so we build it from the GGUF's
+    vocab, merges, special tokens and chat template with the `tokenizers` library directly.
+    """
+    import gguf as gguf_lib
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    r = gguf_lib.GGUFReader(str(gguf))
+
+    def field(name: str, default: Any = None) -> Any:
+        f = r.fields.get(name)
+        return f.contents() if f is not None else default
+
+    tokens: list[str] = field("tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges", [])]
+    types: list[int] = field("tokenizer.ggml.token_type", [1] * len(tokens))
+    raw = RawTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+    pre = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    if field("tokenizer.ggml.pre", "") in _DIGITS_INDIVIDUAL:
+        pre.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    raw.pre_tokenizer = pre_tokenizers.Sequence(pre)
+    raw.decoder = decoders.ByteLevel()
+    specials = [t for t, ty in zip(tokens, types) if ty == 3]  # CONTROL tokens
+    raw.add_special_tokens(specials)
+
+    def tok_at(key: str) -> Optional[str]:
+        i = field(key)
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token=tok_at("tokenizer.ggml.bos_token_id"),
+        eos_token=tok_at("tokenizer.ggml.eos_token_id"), unk_token=tok_at("tokenizer.ggml.unknown_token_id"),
+        pad_token=tok_at("tokenizer.ggml.padding_token_id"), clean_up_tokenization_spaces=False,
+    )
+    tmpl = field("tokenizer.chat_template")
+    if tmpl:
+        hf.chat_template = tmpl
+    return hf
+
+
+def _gguf_tokenizer(gguf: Path) -> Any:
+    import gguf as gguf_lib
+
+    model = gguf_lib.GGUFReader(str(gguf)).fields.get("tokenizer.ggml.model")
+    if model is not None and model.contents() == "gpt2":
+        return _byte_level_from_gguf(gguf)
+    from transformers import AutoTokenizer  # sentencepiece-style GGUFs: transformers' converter
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
 def _load_gguf(gguf: Path, cache_root: Path, name: str, revision: str, kind: str) -> Tokenizer:
     """Convert the GGUF's tokenizer once into cache_root/<name>-<fingerprint>/ and load from there."""
-    cache = cache_root / f"{name}-{_file_fingerprint(gguf)}"
+    cache = cache_root / f"{name}-{_file_fingerprint(gguf)}-v2"
     marker = cache / "kvt_tokenizer.json"
     if marker.is_file():
         meta = json.loads(marker.read_text())
         return _load_hf_dir(cache, name, meta["revision"], kind)
-    from transformers import AutoTokenizer
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tmp = cache.with_name(cache.name + ".tmp")
+    tok = _gguf_tokenizer(gguf)
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
     tok.save_pretrained(str(tmp))
     rev = revision or f"sha256:{_sha256_file(gguf)[:16]}"
     (tmp / "kvt_tokenizer.json").write_text(json.dumps({"source": str(gguf), "revision": rev}))
