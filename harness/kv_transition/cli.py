@@ -129,6 +129,51 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_in_db(paths: Any) -> bool:
+    if not paths.db.is_file():
+        return False
+    from kv_transition.db import connect
+
+    conn = connect(paths.db)
+    try:
+        return conn.execute("SELECT 1 FROM datasets WHERE dataset_id = ?", (paths.dataset_id,)).fetchone() is not None
+    finally:
+        conn.close()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """One cell: prepare the manifest if missing, start the engine, send the manifest, tear down.
+    Exit 0 when the cell is complete, 1 when it failed or is incomplete (re-run to finish it)."""
+    cfg, paths = _load(args)
+    from kv_transition.cell import cell_summary, run_cell
+    from kv_transition.ui import console, stage_progress
+
+    if not _dataset_in_db(paths):
+        from kv_transition.prepare import prepare
+
+        console.print(f"manifest {paths.dataset_id} not in {paths.db}: preparing it first")
+        with stage_progress(not args.quiet) as cb:
+            prepare(cfg, paths, cb)
+    res = run_cell(cfg, paths, engine=args.engine, method=args.method, compression_ratio=args.ratio,
+                   budget=args.budget, runtime=args.runtime, base_url=args.base_url, progress=not args.quiet,
+                   console=console)
+    summary = cell_summary(paths.db, res)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        from rich.table import Table
+
+        colour = {"completed": "green", "incomplete": "yellow", "failed": "red"}.get(res.status, "white")
+        t = Table(title=f"cell {res.cell_id}: [{colour}]{res.status}[/{colour}]", show_header=False)
+        t.add_column("", style="bold")
+        t.add_column("")
+        for k, v in summary.items():
+            if k not in ("cell_id", "status") and v is not None:
+                t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+        console.print(t)
+    return 0 if res.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kvt", description="kv-transition: where does KV-cache compression start to cost accuracy?")
     p.add_argument("--version", action="version", version=f"kv-transition {__version__}")
@@ -151,6 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("demo", cmd_demo, "the main job on the embedded default (offline, CPU)")
     sp.add_argument("-q", "--quiet", action="store_true")
 
+    sp = add("run", cmd_run, "run one cell: start the engine for one KV method, send the manifest, record everything")
+    sp.add_argument("--engine", help="engine name (engines/<name>/engine.yaml; default: engine.name)")
+    sp.add_argument("--method", help="KV method of that engine (default: kv.method)")
+    knob = sp.add_mutually_exclusive_group()
+    knob.add_argument("--budget", type=int, help="KV budget in tokens (methods that support it)")
+    knob.add_argument("--ratio", type=float, help="compression ratio in [0, 1) (methods that support it)")
+    sp.add_argument("--runtime", choices=["docker", "process", "external"], help="default: engine.runtime")
+    sp.add_argument("--base-url", help="the server's URL for --runtime external")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sp.add_argument("--json", action="store_true", help="print the summary as JSON")
     sp = add("cleanup", cmd_cleanup, "remove leftover engine containers/processes started by kvt", config=False)
     sp.add_argument("--group", help="only this experiment group (label kv-transition.group)")
     sp.add_argument("--runtime", choices=["all", "docker", "process"], default="all",

@@ -167,6 +167,10 @@ class DecodingCfg(Strict):
     stream: bool = True
     request_timeout_s: float = Field(default=600.0, gt=0)
     max_retries: int = Field(default=3, ge=0)
+    # silence allowed between two reads of a response (a stalled stream); null = request_timeout_s
+    stall_timeout_s: Optional[float] = Field(default=None, gt=0)
+    retry_backoff_s: float = Field(default=1.0, ge=0)  # first retry wait (exponential, plus jitter)
+    retry_backoff_max_s: float = Field(default=30.0, ge=0)
 
 
 class OutputCfg(Strict):

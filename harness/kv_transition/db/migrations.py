@@ -72,3 +72,170 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         """,
     ),
 ]
+
+MIGRATIONS.append(
+    (
+        2,
+        "run layer: cells, runs, engine instances, requests, attempts, responses, telemetry, events",
+        """
+        CREATE TABLE cells (
+            cell_id            TEXT PRIMARY KEY,   -- stable: engine-method-budget-<hash of every result-affecting input>
+            group_id           TEXT NOT NULL,
+            dataset_id         TEXT NOT NULL,
+            engine             TEXT NOT NULL,
+            method             TEXT NOT NULL,
+            compression_ratio  REAL,
+            budget             INTEGER,
+            kv_scope           TEXT NOT NULL,
+            model_id           TEXT NOT NULL,
+            repeats            INTEGER NOT NULL,
+            inputs_json        TEXT NOT NULL,      -- exactly what cell_id hashes
+            config_json        TEXT NOT NULL,      -- full resolved config of the latest run
+            config_hash        TEXT NOT NULL,
+            spec_json          TEXT NOT NULL,      -- ResolvedSpec (env secrets masked) of the latest run
+            status             TEXT NOT NULL,      -- pending | running | completed | incomplete | failed
+            reason             TEXT,
+            n_requests         INTEGER NOT NULL DEFAULT 0,
+            n_ok               INTEGER NOT NULL DEFAULT 0,
+            n_failed           INTEGER NOT NULL DEFAULT 0,
+            created_at         TEXT NOT NULL,
+            started_at         TEXT,
+            finished_at        TEXT,
+            updated_at         TEXT NOT NULL
+        );
+        CREATE INDEX cells_group ON cells(group_id, engine, method);
+        CREATE TABLE runs (
+            run_id        INTEGER PRIMARY KEY AUTOINCREMENT,
+            cell_id       TEXT NOT NULL REFERENCES cells(cell_id),
+            runtime       TEXT NOT NULL,
+            config_hash   TEXT NOT NULL,
+            host          TEXT NOT NULL,
+            pid           INTEGER NOT NULL,
+            harness_version TEXT NOT NULL,
+            status        TEXT NOT NULL,       -- running | completed | incomplete | failed | interrupted
+            reason        TEXT,
+            n_todo        INTEGER,             -- requests without a successful response when the run began
+            n_sent        INTEGER,
+            n_ok          INTEGER,
+            n_failed      INTEGER,
+            started_at    TEXT NOT NULL,
+            finished_at   TEXT
+        );
+        CREATE INDEX runs_cell ON runs(cell_id);
+        CREATE TABLE engine_instances (
+            instance_id   INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id        INTEGER NOT NULL REFERENCES runs(run_id),
+            cell_id       TEXT NOT NULL REFERENCES cells(cell_id),
+            runtime       TEXT NOT NULL,
+            ident         TEXT,                -- container id / pid / url
+            base_url      TEXT,
+            image         TEXT,
+            image_digest  TEXT,
+            command_json  TEXT NOT NULL,
+            args_json     TEXT NOT NULL,
+            env_json      TEXT NOT NULL,       -- secrets masked
+            gpus_json     TEXT NOT NULL,       -- configured GPU indices
+            gpu_uuids_json TEXT NOT NULL,
+            pids_json     TEXT NOT NULL,
+            started_at    TEXT,
+            ready_at      TEXT,
+            stopped_at    TEXT,
+            exit_code     INTEGER,
+            log_path      TEXT,
+            error         TEXT                 -- start error / crash description
+        );
+        CREATE INDEX engine_instances_run ON engine_instances(run_id);
+        CREATE TABLE requests (
+            request_id    INTEGER PRIMARY KEY AUTOINCREMENT,
+            cell_id       TEXT NOT NULL REFERENCES cells(cell_id),
+            dataset_id    TEXT NOT NULL,
+            example_id    TEXT NOT NULL,
+            repeat        INTEGER NOT NULL,
+            status        TEXT NOT NULL,       -- pending | ok | failed
+            n_attempts    INTEGER NOT NULL DEFAULT 0,
+            last_error    TEXT,
+            created_at    TEXT NOT NULL,
+            updated_at    TEXT NOT NULL,
+            UNIQUE (cell_id, example_id, repeat)
+            -- no FK to manifest_entries: `kvt prepare` may rewrite a dataset's rows
+        );
+        CREATE INDEX requests_status ON requests(cell_id, status);
+        CREATE TABLE attempts (
+            request_id    INTEGER NOT NULL REFERENCES requests(request_id),
+            attempt_no    INTEGER NOT NULL,    -- 1, 2, … across all runs of the cell
+            run_id        INTEGER NOT NULL REFERENCES runs(run_id),
+            started_at    TEXT NOT NULL,
+            duration_s    REAL NOT NULL,
+            ok            INTEGER NOT NULL,
+            error_kind    TEXT,                -- http_4xx | http_5xx | connect | timeout | stall | malformed | stream_error | incomplete | aborted | other
+            error         TEXT,
+            http_status   INTEGER,
+            body          TEXT,                -- error response body (truncated to 64 KiB)
+            retryable     INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (request_id, attempt_no)
+        );
+        CREATE INDEX attempts_run ON attempts(run_id);
+        CREATE TABLE responses (
+            request_id        INTEGER PRIMARY KEY REFERENCES requests(request_id),
+            attempt_no        INTEGER NOT NULL,
+            run_id            INTEGER NOT NULL REFERENCES runs(run_id),
+            text              TEXT NOT NULL,
+            finish_reason     TEXT,
+            prompt_tokens     INTEGER,
+            completion_tokens INTEGER,
+            total_tokens      INTEGER,
+            ttft_s            REAL,
+            tpot_s            REAL,
+            e2e_s             REAL NOT NULL,
+            itl_json          TEXT NOT NULL,   -- inter-chunk latencies after the first token, seconds
+            n_chunks          INTEGER NOT NULL,
+            kv_applied_json   TEXT,            -- the engine's kv_press_applied, when it reports one
+            streamed          INTEGER NOT NULL,
+            created_at        TEXT NOT NULL
+        );
+        CREATE TABLE telemetry_gpu (
+            run_id        INTEGER NOT NULL REFERENCES runs(run_id),
+            t             REAL NOT NULL,       -- unix time, seconds
+            gpu_uuid      TEXT NOT NULL,
+            gpu_index     INTEGER,
+            mem_used      INTEGER,             -- bytes
+            mem_total     INTEGER,
+            util_gpu      REAL,                -- percent
+            util_mem      REAL,
+            power_w       REAL,
+            temp_c        REAL
+        );
+        CREATE INDEX telemetry_gpu_run ON telemetry_gpu(run_id, t);
+        CREATE TABLE telemetry_host (
+            run_id        INTEGER NOT NULL REFERENCES runs(run_id),
+            t             REAL NOT NULL,
+            cpu_percent   REAL,                -- host, all cores
+            ram_used      INTEGER,
+            ram_total     INTEGER,
+            proc_cpu_percent REAL,             -- engine process tree (100 = one core)
+            proc_rss      INTEGER,
+            proc_count    INTEGER
+        );
+        CREATE INDEX telemetry_host_run ON telemetry_host(run_id, t);
+        CREATE TABLE telemetry_engine_metric (
+            run_id        INTEGER NOT NULL REFERENCES runs(run_id),
+            t             REAL NOT NULL,
+            metric        TEXT NOT NULL,
+            labels_json   TEXT NOT NULL,
+            value         REAL
+        );
+        CREATE INDEX telemetry_engine_metric_run ON telemetry_engine_metric(run_id, metric, t);
+        CREATE TABLE events (
+            event_id      INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id        INTEGER REFERENCES runs(run_id),
+            cell_id       TEXT,
+            t             REAL NOT NULL,
+            level         TEXT NOT NULL,       -- info | warning | error
+            kind          TEXT NOT NULL,
+            message       TEXT NOT NULL,
+            data_json     TEXT
+        );
+        CREATE INDEX events_run ON events(run_id);
+        """,
+    )
+)

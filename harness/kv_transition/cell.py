@@ -1,0 +1,439 @@
+"""One cell: config + engine/method/budget → ResolvedSpec → runtime.running(...) → telemetry sampler +
+runner over the manifest from the DB → teardown → cell status.
+
+    res = run_cell(cfg, paths, engine="kvpress", method="snapkv", compression_ratio=0.5)
+    res.status  # completed | incomplete | failed
+
+Idempotent and resumable: requests are (cell_id, example_id, repeat) UNIQUE; a re-run sends only the
+requests without a successful response, and an already complete cell starts no engine at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+import httpx
+
+from kv_transition import __version__
+from kv_transition.config import Config, Paths
+from kv_transition.db import connect, dumps, transaction, utcnow
+from kv_transition.engines.spec import ResolvedSpec, load_engine, resolve
+from kv_transition.errors import ConfigError
+from kv_transition.manifest import from_db
+from kv_transition.runner import DbWriter, Runner, RunnerOptions, RunStats, WorkItem
+from kv_transition.runtime.base import CELL_LABEL, GROUP_LABEL, OWNER_LABEL, EngineStartError, Instance, Runtime, get_runtime
+from kv_transition.telemetry import TelemetrySampler
+
+KV_CARRIER = "kv_press"  # the per-request method object of request-mode engines
+
+
+@dataclass
+class CellResult:
+    cell_id: str
+    run_id: Optional[int]
+    status: str                 # completed | incomplete | failed
+    reason: Optional[str]
+    n_requests: int
+    n_ok: int
+    n_failed: int
+    n_todo: int                 # without a successful response when this run began
+    stats: Optional[RunStats]
+    spec: ResolvedSpec
+    log_path: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed"
+
+
+# --- identity -----------------------------------------------------------------------------------
+
+def cell_inputs(cfg: Config, spec: ResolvedSpec, dataset_id: str) -> dict[str, Any]:
+    """Everything that can change a response (and nothing that cannot: port, concurrency, timeouts,
+    telemetry, runtime, repeats — more repeats extend the same cell)."""
+    from kv_transition.tokens import model_source
+
+    return {
+        "group_id": cfg.experiment.group_id, "dataset_id": dataset_id,
+        "engine": spec.engine, "image": spec.image_ref, "method": spec.method,
+        "compression_ratio": spec.compression_ratio, "budget": spec.budget,
+        "kv_scope": cfg.kv.scope, "kv_params": cfg.kv.params,
+        "model": {"id": cfg.model.id, "source": model_source(cfg.model), "revision": cfg.model.revision,
+                  "max_context": cfg.model.max_context},
+        "engine_cfg": {"device": cfg.engine.device, "dtype": cfg.engine.dtype, "extra_args": cfg.engine.extra_args},
+        "request_extras": spec.request_extras,
+        "decoding": {"temperature": cfg.decoding.temperature, "top_p": cfg.decoding.top_p,
+                     "stream": cfg.decoding.stream},
+    }
+
+
+def cell_id_for(inputs: dict[str, Any]) -> str:
+    h = hashlib.sha256(dumps(inputs).encode()).hexdigest()[:10]
+    knob = ""
+    if inputs.get("compression_ratio") is not None:
+        knob = f".r{inputs['compression_ratio']:g}"
+    elif inputs.get("budget") is not None:
+        knob = f".b{inputs['budget']}"
+    return f"{inputs['engine']}.{inputs['method']}{knob}-{h}"
+
+
+# --- request bodies -----------------------------------------------------------------------------
+
+def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = copy.deepcopy(v)
+
+
+def request_body(entry: dict[str, Any], spec: ResolvedSpec, cfg: Config) -> dict[str, Any]:
+    """The /v1/completions body for one manifest entry (the prompt is already fully formatted)."""
+    body: dict[str, Any] = {
+        "model": spec.served_model, "prompt": entry["prompt"], "max_tokens": int(entry["max_new_tokens"]),
+        "temperature": cfg.decoding.temperature, "top_p": cfg.decoding.top_p, "stream": cfg.decoding.stream,
+    }
+    if cfg.decoding.stream:
+        body["stream_options"] = {"include_usage": True}
+    _merge(body, spec.request_extras)
+    if spec.send_add_special_tokens:
+        body["add_special_tokens"] = bool(entry["add_special_tokens"])
+    if cfg.kv.scope == "context_only" and isinstance(body.get(KV_CARRIER), dict):
+        body[KV_CARRIER]["scope"] = "context_only"
+        if entry.get("question_start") is not None:
+            body[KV_CARRIER]["question_start"] = int(entry["question_start"])
+    return body
+
+
+# --- spec ---------------------------------------------------------------------------------------
+
+def resolve_cell_spec(cfg: Config, *, engine: Optional[str] = None, method: Optional[str] = None,
+                      compression_ratio: Optional[float] = None, budget: Optional[int] = None,
+                      runtime: Optional[str] = None, base_url: Optional[str] = None) -> tuple[ResolvedSpec, str, Optional[str]]:
+    """→ (spec, runtime name, external base url). A method given here takes its ratio/budget from the
+    arguments only; otherwise kv.method/compression_ratio/budget come from the config."""
+    from kv_transition.tokens import model_source
+
+    rt = runtime or cfg.engine.runtime
+    if method is None:
+        method = cfg.kv.method
+        if compression_ratio is None and budget is None:
+            compression_ratio, budget = cfg.kv.compression_ratio, cfg.kv.budget
+    if compression_ratio is not None and budget is not None:
+        raise ConfigError("set at most one of --ratio and --budget")
+    host, port = cfg.engine.host, cfg.engine.port
+    url = base_url or cfg.engine.base_url
+    if rt == "external":
+        if not url:
+            raise ConfigError("engine.base_url: runtime 'external' needs a base URL (--base-url)")
+        u = urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ConfigError(f"engine.base_url: {url!r} is not an http(s) URL")
+        host, port = u.hostname, u.port or (443 if u.scheme == "https" else 80)
+    eng = load_engine(engine or cfg.engine.name)
+    spec = resolve(
+        eng, method, compression_ratio=compression_ratio, budget=budget,
+        model_path=model_source(cfg.model) or cfg.model.id, served_model=cfg.model.id, host=host, port=port,
+        gpus=cfg.engine.gpus, device=cfg.engine.device, dtype=cfg.engine.dtype, max_context=cfg.model.max_context,
+        extra_args=cfg.engine.extra_args, env=cfg.engine.env, host_env=dict(os.environ), params=cfg.kv.params or None,
+    )
+    if cfg.engine.readiness_timeout_s:
+        spec = dataclasses.replace(spec, readiness_timeout_s=cfg.engine.readiness_timeout_s)
+    return spec, rt, (url.rstrip("/") if rt == "external" and url else None)
+
+
+# --- DB bookkeeping -----------------------------------------------------------------------------
+
+def _count(conn: Any, cell_id: str, status: str, repeats: int) -> int:
+    return int(conn.execute("SELECT COUNT(*) FROM requests WHERE cell_id=? AND status=? AND repeat<?",
+                            (cell_id, status, repeats)).fetchone()[0])
+
+
+def _prepare_rows(conn: Any, cfg: Config, spec: ResolvedSpec, cell_id: str, inputs: dict[str, Any],
+                  dataset_id: str, entries: list[dict[str, Any]], runtime: str) -> tuple[int, list[WorkItem]]:
+    cfg_json = dumps(cfg.model_dump(mode="json"))
+    cfg_hash = "sha256:" + hashlib.sha256(cfg_json.encode()).hexdigest()
+    now = utcnow()
+    repeats = cfg.decoding.repeats
+    with transaction(conn):
+        conn.execute(
+            "INSERT INTO cells(cell_id, group_id, dataset_id, engine, method, compression_ratio, budget, kv_scope,"
+            " model_id, repeats, inputs_json, config_json, config_hash, spec_json, status, n_requests, created_at,"
+            " started_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,'running',?,?,?,?)"
+            " ON CONFLICT(cell_id) DO UPDATE SET repeats=excluded.repeats, config_json=excluded.config_json,"
+            " config_hash=excluded.config_hash, spec_json=excluded.spec_json, status='running', reason=NULL,"
+            " n_requests=excluded.n_requests, started_at=excluded.started_at, finished_at=NULL,"
+            " updated_at=excluded.updated_at",
+            (cell_id, cfg.experiment.group_id, dataset_id, spec.engine, spec.method, spec.compression_ratio,
+             spec.budget, cfg.kv.scope, cfg.model.id, repeats, dumps(inputs), cfg_json, cfg_hash,
+             dumps(spec.to_dict(mask=True)), len(entries) * repeats, now, now, now),
+        )
+        cur = conn.execute(
+            "INSERT INTO runs(cell_id, runtime, config_hash, host, pid, harness_version, status, started_at)"
+            " VALUES (?,?,?,?,?,?,'running',?)",
+            (cell_id, runtime, cfg_hash, socket.gethostname(), os.getpid(), __version__, now),
+        )
+        run_id = int(cur.lastrowid)
+        conn.executemany(
+            "INSERT OR IGNORE INTO requests(cell_id, dataset_id, example_id, repeat, status, created_at, updated_at)"
+            " VALUES (?,?,?,?,'pending',?,?)",
+            [(cell_id, dataset_id, e["example_id"], r, now, now) for r in range(repeats) for e in entries],
+        )
+    existing = {
+        (row[0], row[1]): (row[2], row[3], row[4])
+        for row in conn.execute(
+            "SELECT r.example_id, r.repeat, r.request_id, r.status,"
+            " COALESCE((SELECT MAX(a.attempt_no) FROM attempts a WHERE a.request_id = r.request_id), 0)"
+            " FROM requests r WHERE r.cell_id = ?", (cell_id,))
+    }
+    items = []
+    for r in range(repeats):
+        for e in entries:
+            rid, status, n_att = existing[(e["example_id"], r)]
+            if status != "ok":
+                items.append(WorkItem(rid, e["example_id"], r, request_body(e, spec, cfg), n_att))
+    return run_id, items
+
+
+def _finish(conn: Any, cell_id: str, run_id: int, status: str, reason: Optional[str], n_todo: int,
+            stats: Optional[RunStats], repeats: int, run_status: Optional[str] = None) -> tuple[int, int, int]:
+    n_ok = _count(conn, cell_id, "ok", repeats)
+    n_failed = _count(conn, cell_id, "failed", repeats)
+    now = utcnow()
+    with transaction(conn):
+        n_req = int(conn.execute("SELECT n_requests FROM cells WHERE cell_id=?", (cell_id,)).fetchone()[0])
+        conn.execute("UPDATE cells SET status=?, reason=?, n_ok=?, n_failed=?, finished_at=?, updated_at=? WHERE cell_id=?",
+                     (status, reason, n_ok, n_failed, now, now, cell_id))
+        conn.execute(
+            "UPDATE runs SET status=?, reason=?, n_todo=?, n_sent=?, n_ok=?, n_failed=?, finished_at=? WHERE run_id=?",
+            (run_status or status, reason, n_todo, stats.n_ok + stats.n_failed if stats else 0,
+             stats.n_ok if stats else 0, stats.n_failed if stats else 0, now, run_id))
+    return n_req, n_ok, n_failed
+
+
+def _record_instance(conn: Any, run_id: int, cell_id: str, rt_name: str, spec: ResolvedSpec,
+                     inst: Optional[Instance], error: Optional[str], log_path: Optional[str]) -> int:
+    row = {
+        "run_id": run_id, "cell_id": cell_id, "runtime": rt_name,
+        "ident": inst.ident if inst else None, "base_url": inst.base_url if inst else spec.base_url,
+        "image": spec.image_ref, "image_digest": (inst.image_digest if inst else None) or spec.digest,
+        "command_json": json.dumps(spec.command), "args_json": json.dumps(spec.args),
+        "env_json": json.dumps(spec.masked_env(), sort_keys=True), "gpus_json": json.dumps(spec.gpus),
+        "gpu_uuids_json": json.dumps(inst.gpu_uuids if inst else []), "pids_json": json.dumps(inst.pids if inst else []),
+        "started_at": inst.started_at if inst else None, "ready_at": inst.ready_at if inst else None,
+        "stopped_at": inst.stopped_at if inst else utcnow(), "exit_code": inst.exit_code if inst else None,
+        "log_path": str(inst.log_path) if inst and inst.log_path else log_path, "error": error,
+    }
+    cols = list(row)
+    cur = conn.execute(f"INSERT INTO engine_instances({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+                       [row[c] for c in cols])
+    return int(cur.lastrowid)
+
+
+def _update_instance(conn: Any, instance_id: int, inst: Instance, error: Optional[str]) -> None:
+    conn.execute("UPDATE engine_instances SET stopped_at=?, exit_code=?, ready_at=?, pids_json=?, gpu_uuids_json=?,"
+                 " image_digest=COALESCE(?, image_digest), error=COALESCE(?, error) WHERE instance_id=?",
+                 (inst.stopped_at or utcnow(), inst.exit_code, inst.ready_at, json.dumps(inst.pids),
+                  json.dumps(inst.gpu_uuids), inst.image_digest, error, instance_id))
+
+
+def _event(conn: Any, run_id: Optional[int], cell_id: str, level: str, kind: str, message: str,
+           data: Any = None) -> None:
+    import time
+
+    conn.execute("INSERT INTO events(run_id, cell_id, t, level, kind, message, data_json) VALUES (?,?,?,?,?,?,?)",
+                 (run_id, cell_id, time.time(), level, kind, message[:8000], json.dumps(data) if data is not None else None))
+
+
+# --- the cell -----------------------------------------------------------------------------------
+
+class _Watchdog(threading.Thread):
+    """Aborts the runner when the engine stops running mid-cell (crash, OOM, killed container)."""
+
+    def __init__(self, rt: Runtime, inst: Instance, runner: Runner, interval_s: float = 0.5):
+        super().__init__(name="kvt-engine-watchdog", daemon=True)
+        self.rt, self.inst, self.runner, self.interval_s = rt, inst, runner, interval_s
+        self.stop_ev = threading.Event()
+        self.fired: Optional[str] = None
+
+    def run(self) -> None:
+        misses = 0
+        while not self.stop_ev.wait(self.interval_s):
+            try:
+                alive = self.rt.is_running(self.inst)
+            except Exception:  # a flaky check is not a dead engine
+                alive = True
+            misses = 0 if alive else misses + 1
+            if misses >= 2:  # two in a row: one slow health probe (external runtime) is not a crash
+                code = self.inst.exit_code
+                self.fired = f"engine stopped mid-cell (exit code {code})" if code is not None else "engine stopped mid-cell"
+                self.runner.abort(self.fired)
+                return
+
+
+def _get_runtime(name: str, ext_url: Optional[str]) -> Runtime:
+    if name == "external" and ext_url:
+        try:
+            return get_runtime(name, base_url=ext_url)
+        except TypeError:  # an ExternalRuntime that reads spec.base_url (host/port were set from the URL)
+            return get_runtime(name)
+    return get_runtime(name)
+
+
+def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method: Optional[str] = None,
+             compression_ratio: Optional[float] = None, budget: Optional[int] = None,
+             runtime: Optional[str] = None, base_url: Optional[str] = None,
+             runtime_impl: Optional[Runtime] = None, progress: bool = False, console: Any = None,
+             transport: Optional[httpx.AsyncBaseTransport] = None, watchdog_interval_s: float = 0.5) -> CellResult:
+    spec, rt_name, ext_url = resolve_cell_spec(cfg, engine=engine, method=method, compression_ratio=compression_ratio,
+                                               budget=budget, runtime=runtime, base_url=base_url)
+    conn = connect(paths.db)
+    try:
+        manifest = from_db(conn, paths.dataset_id)
+        entries = manifest["entries"]
+        inputs = cell_inputs(cfg, spec, paths.dataset_id)
+        cell_id = cell_id_for(inputs)
+        run_id, items = _prepare_rows(conn, cfg, spec, cell_id, inputs, paths.dataset_id, entries, rt_name)
+        repeats = cfg.decoding.repeats
+        n_todo = len(items)
+        log_path = paths.logs_dir / f"{cell_id}.log"
+        if not items:
+            n_req, n_ok, n_failed = _finish(conn, cell_id, run_id, "completed", None, 0, None, repeats)
+            return CellResult(cell_id, run_id, "completed", "nothing to send: every request has a response",
+                              n_req, n_ok, n_failed, 0, None, spec, str(log_path))
+        paths.logs_dir.mkdir(parents=True, exist_ok=True)
+        rt = runtime_impl or _get_runtime(rt_name, ext_url)
+        labels = {OWNER_LABEL: "kv-transition", GROUP_LABEL: cfg.experiment.group_id, CELL_LABEL: cell_id}
+        opts = RunnerOptions(
+            concurrency=cfg.engine.concurrency or spec.concurrency, timeout_s=cfg.decoding.request_timeout_s,
+            stall_timeout_s=cfg.decoding.stall_timeout_s, max_retries=cfg.decoding.max_retries,
+            backoff_s=cfg.decoding.retry_backoff_s, backoff_max_s=cfg.decoding.retry_backoff_max_s,
+            stream=cfg.decoding.stream,
+        )
+        writer = DbWriter(paths.db).start()
+        stats: Optional[RunStats] = None
+        status, reason, run_status = "failed", None, None
+        instance_id: Optional[int] = None
+        inst_ref: Optional[Instance] = None
+        interrupted = False
+        try:
+            with rt.running(spec, labels, log_path) as inst:
+                inst_ref = inst
+                instance_id = _record_instance(conn, run_id, cell_id, rt_name, spec, inst, None, str(log_path))
+                runner = Runner(inst.base_url, writer, run_id, opts, transport=transport)
+                sampler = None
+                if cfg.telemetry.enabled:
+                    want_gpu = cfg.telemetry.nvml and spec.gpu and cfg.engine.device != "cpu"
+                    sampler = TelemetrySampler(
+                        writer, run_id, cell_id, interval_s=cfg.telemetry.interval_s, nvml=want_gpu,
+                        gpu_uuids=inst.gpu_uuids, gpu_indices=spec.gpus, all_gpus_if_none=rt_name != "external",
+                        pids=inst.pids,
+                        metrics_url=(inst.base_url.rstrip("/") + spec.metrics_path)
+                        if cfg.telemetry.engine_metrics and spec.metrics_path else None,
+                        metric_names=spec.kv_usage_metrics if cfg.telemetry.engine_metrics else (),
+                    ).start()
+                dog = _Watchdog(rt, inst, runner, watchdog_interval_s)
+                dog.start()
+                try:
+                    from kv_transition.runner.progress import cell_progress
+
+                    label = f"{spec.engine}/{spec.method}" + (f" r={spec.compression_ratio:g}" if spec.compression_ratio is not None
+                                                              else f" b={spec.budget}" if spec.budget is not None else "")
+                    with cell_progress(label, n_todo, enabled=progress, console=console) as tick:
+                        runner.on_tick = tick
+                        stats = asyncio.run(runner.run(items))
+                finally:
+                    dog.stop_ev.set()
+                    dog.join(5)
+                    if sampler is not None:
+                        sampler.stop()
+            # after teardown: the runtime has recorded the engine's exit code
+            assert stats is not None
+            if stats.aborted:
+                why = stats.aborted
+                if dog.fired and inst_ref is not None and inst_ref.exit_code is not None and "exit code" not in why:
+                    why = f"{why} (exit code {inst_ref.exit_code})"
+                status, reason = "incomplete", f"{why}; {stats.n_ok + stats.n_failed}/{n_todo} requests finished in this run"
+            elif stats.n_failed:
+                status, reason = "incomplete", f"{stats.n_failed} request(s) failed after retries"
+            else:
+                status, reason = "completed", None
+        except EngineStartError as e:
+            status, reason = "failed", f"engine start failed: {e}"
+            if instance_id is None:
+                instance_id = _record_instance(conn, run_id, cell_id, rt_name, spec, None, str(e), str(log_path))
+                conn.execute("UPDATE engine_instances SET exit_code=? WHERE instance_id=?", (e.returncode, instance_id))
+        except KeyboardInterrupt:
+            interrupted = True
+            status, reason, run_status = "incomplete", "interrupted", "interrupted"
+        except Exception as e:
+            status, reason = "failed", f"{type(e).__name__}: {e}"
+        finally:
+            try:
+                writer.close()
+            except Exception as e:  # the DB write failure is the more important message
+                status, reason = "failed", f"DB writer: {e}"
+            if instance_id is not None and inst_ref is not None:
+                _update_instance(conn, instance_id, inst_ref, reason if status == "failed" else None)
+            if reason and status != "completed":
+                _event(conn, run_id, cell_id, "error" if status == "failed" else "warning", f"cell_{status}", reason)
+            n_req, n_ok, n_failed = _finish(conn, cell_id, run_id, status, reason, n_todo, stats, repeats, run_status)
+        if interrupted:
+            raise KeyboardInterrupt
+        if status == "incomplete" and n_ok == n_req:  # e.g. the engine died after the last response
+            status, reason = "completed", None
+            _finish(conn, cell_id, run_id, status, reason, n_todo, stats, repeats)
+        return CellResult(cell_id, run_id, status, reason, n_req, n_ok, n_failed, n_todo, stats, spec, str(log_path))
+    finally:
+        conn.close()
+
+
+def _pct(xs: list[float], q: float) -> Optional[float]:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def cell_summary(db_path: Any, res: CellResult) -> dict[str, Any]:
+    """What `kvt run` prints: the cell's state plus this run's throughput and latency percentiles."""
+    conn = connect(db_path, readonly=True)
+    try:
+        lat = conn.execute(
+            "SELECT p.ttft_s, p.tpot_s, p.e2e_s FROM responses p JOIN requests q USING(request_id)"
+            " WHERE q.cell_id = ?", (res.cell_id,)).fetchall()
+        attempts = conn.execute("SELECT COUNT(*), SUM(ok = 0) FROM attempts WHERE run_id = ?", (res.run_id,)).fetchone()
+    finally:
+        conn.close()
+    st = res.stats
+    out: dict[str, Any] = {
+        "cell_id": res.cell_id, "status": res.status, "reason": res.reason,
+        "engine": res.spec.engine, "method": res.spec.method,
+        "compression_ratio": res.spec.compression_ratio, "budget": res.spec.budget,
+        "requests": f"{res.n_ok} ok / {res.n_failed} failed / {res.n_requests} total",
+        "this run": f"{res.n_todo} to send, {st.n_ok if st else 0} ok, {st.n_failed if st else 0} failed, "
+                    f"{attempts[0] or 0} attempts ({attempts[1] or 0} failed)",
+        "elapsed_s": st.elapsed_s if st else None,
+        "requests_per_s": (st.n_ok / st.elapsed_s) if st and st.elapsed_s > 0 else None,
+        "output_tokens_per_s": (st.completion_tokens / st.elapsed_s) if st and st.elapsed_s > 0 else None,
+        "run_id": res.run_id, "log": res.log_path,
+    }
+    for name, i in (("ttft_s", 0), ("tpot_s", 1), ("e2e_s", 2)):
+        xs = [r[i] for r in lat if r[i] is not None]
+        if xs:
+            out[f"{name} p50"] = _pct(xs, 0.5)
+            out[f"{name} p95"] = _pct(xs, 0.95)
+    return out

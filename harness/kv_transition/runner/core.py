@@ -1,0 +1,253 @@
+"""The async request loop: a fixed pool of `concurrency` workers over the work list, tenacity retries
+(exponential backoff with jitter) on connection errors, timeouts, malformed streams and 5xx, none on
+4xx. Every attempt becomes an `attempts` row; a success a `responses` row; the request's status is
+updated — all through the DbWriter, so the loop never waits on SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import httpx
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from kv_transition.db import utcnow
+from kv_transition.runner.client import complete, make_client
+from kv_transition.runner.stream import AttemptError, Completion
+from kv_transition.runner.writer import DbWriter
+
+
+@dataclass
+class WorkItem:
+    request_id: int
+    example_id: str
+    repeat: int
+    body: dict[str, Any]
+    attempts_before: int = 0  # attempts recorded by earlier runs (attempt_no continues from here)
+
+
+@dataclass
+class RunnerOptions:
+    concurrency: int = 8
+    timeout_s: float = 600.0          # whole request, first byte to last
+    stall_timeout_s: Optional[float] = None  # silence between two reads; None = timeout_s
+    max_retries: int = 3              # retries after the first attempt
+    backoff_s: float = 1.0            # first backoff (exponential, plus up to this much jitter)
+    backoff_max_s: float = 30.0
+    stream: bool = True
+    connect_timeout_s: float = 10.0
+
+
+@dataclass
+class Counters:
+    total: int = 0
+    ok: int = 0
+    failed: int = 0
+    in_flight: int = 0
+    attempts: int = 0
+    retries: int = 0
+    completion_tokens: int = 0
+    max_in_flight: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.failed
+
+    def tokens_per_s(self) -> float:
+        el = time.perf_counter() - self.started
+        return self.completion_tokens / el if el > 0 else 0.0
+
+
+@dataclass
+class RunStats:
+    n_todo: int
+    n_ok: int
+    n_failed: int
+    n_not_done: int          # never finished (aborted / interrupted)
+    n_attempts: int
+    n_retries: int
+    completion_tokens: int
+    elapsed_s: float
+    max_in_flight: int
+    aborted: Optional[str] = None
+
+
+def _retryable(e: BaseException) -> bool:
+    return isinstance(e, AttemptError) and e.retryable
+
+
+class Aborted(Exception):
+    pass
+
+
+class Runner:
+    def __init__(self, base_url: str, writer: DbWriter, run_id: int, options: RunnerOptions, *,
+                 transport: Optional[httpx.AsyncBaseTransport] = None,
+                 on_tick: Optional[Callable[[Counters], None]] = None, tick_s: float = 0.2):
+        self.base_url = base_url
+        self.writer = writer
+        self.run_id = run_id
+        self.opts = options
+        self.transport = transport
+        self.on_tick = on_tick
+        self.tick_s = tick_s
+        self.counters = Counters()
+        self._abort_reason: Optional[str] = None
+        self._abort_ev: Optional[asyncio.Event] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._lock = threading.Lock()
+
+    # --- abort from any thread (engine watchdog, signal handler) ---
+    def abort(self, reason: str) -> None:
+        with self._lock:
+            if self._abort_reason is None:
+                self._abort_reason = reason
+        loop, ev = self._loop, self._abort_ev
+        if loop is not None and ev is not None:
+            try:
+                loop.call_soon_threadsafe(ev.set)
+            except RuntimeError:
+                pass
+
+    @property
+    def aborted(self) -> Optional[str]:
+        return self._abort_reason
+
+    async def run(self, items: Sequence[WorkItem]) -> RunStats:
+        self._loop = asyncio.get_running_loop()
+        self._abort_ev = asyncio.Event()
+        if self._abort_reason is not None:
+            self._abort_ev.set()
+        c = self.counters
+        c.total = len(items)
+        c.started = time.perf_counter()
+        it: Iterator[WorkItem] = iter(items)
+        n_workers = max(1, min(self.opts.concurrency, len(items)))
+        stall = self.opts.stall_timeout_s or self.opts.timeout_s
+        ticker = asyncio.create_task(self._ticker()) if self.on_tick else None
+        async with make_client(self.base_url, n_workers, connect_timeout_s=self.opts.connect_timeout_s,
+                               stall_timeout_s=stall, transport=self.transport) as client:
+            workers = [asyncio.create_task(self._worker(client, it)) for _ in range(n_workers if items else 0)]
+            abort_wait = asyncio.create_task(self._abort_ev.wait())
+            try:
+                pending = set(workers)
+                while pending:
+                    done, pending = await asyncio.wait(pending | {abort_wait}, return_when=asyncio.FIRST_COMPLETED)
+                    pending.discard(abort_wait)
+                    for t in done:
+                        if t is not abort_wait and t.exception() is not None:
+                            raise t.exception()  # type: ignore[misc]
+                    if abort_wait in done:
+                        for t in pending:
+                            t.cancel()
+                        await asyncio.gather(*pending, return_exceptions=True)
+                        break
+            finally:
+                for t in workers:
+                    t.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+                abort_wait.cancel()
+                if ticker:
+                    ticker.cancel()
+                    await asyncio.gather(ticker, return_exceptions=True)
+                    self.on_tick(c)  # type: ignore[misc]
+        return RunStats(
+            n_todo=c.total, n_ok=c.ok, n_failed=c.failed, n_not_done=c.total - c.ok - c.failed,
+            n_attempts=c.attempts, n_retries=c.retries, completion_tokens=c.completion_tokens,
+            elapsed_s=time.perf_counter() - c.started, max_in_flight=c.max_in_flight, aborted=self._abort_reason,
+        )
+
+    async def _ticker(self) -> None:
+        while True:
+            self.on_tick(self.counters)  # type: ignore[misc]
+            await asyncio.sleep(self.tick_s)
+
+    async def _worker(self, client: httpx.AsyncClient, it: Iterator[WorkItem]) -> None:
+        for item in it:
+            if self._abort_reason is not None:
+                return
+            await self._do(client, item)
+
+    async def _do(self, client: httpx.AsyncClient, item: WorkItem) -> None:
+        o = self.opts
+        n = item.attempts_before
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(o.max_retries + 1),
+            wait=wait_exponential_jitter(multiplier=o.backoff_s, max=o.backoff_max_s, jitter=o.backoff_s),
+            retry=retry_if_exception(_retryable), reraise=True,
+        )
+        first = True
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    if self._abort_reason is not None:
+                        raise Aborted(self._abort_reason)
+                    if not first:
+                        self.counters.retries += 1
+                    first = False
+                    n += 1
+                    await self._attempt(client, item, n)
+        except AttemptError as e:
+            self.counters.failed += 1
+            self.writer.execute(
+                "UPDATE requests SET status='failed', n_attempts=?, last_error=?, updated_at=? WHERE request_id=?",
+                (n, f"{e.kind}: {e}"[:2000], utcnow(), item.request_id),
+            )
+        except Aborted:
+            self.writer.execute("UPDATE requests SET n_attempts=?, updated_at=? WHERE request_id=?",
+                                (n, utcnow(), item.request_id))
+
+    async def _attempt(self, client: httpx.AsyncClient, item: WorkItem, n: int) -> None:
+        c = self.counters
+        started_at = utcnow()
+        t = time.perf_counter()
+        c.attempts += 1
+        c.in_flight += 1
+        if c.in_flight > c.max_in_flight:
+            c.max_in_flight = c.in_flight
+        try:
+            res = await complete(client, item.body, stream=self.opts.stream, timeout_s=self.opts.timeout_s)
+        except AttemptError as e:
+            self._record_attempt(item, n, started_at, time.perf_counter() - t, e)
+            raise
+        except asyncio.CancelledError:
+            self._record_attempt(item, n, started_at, time.perf_counter() - t,
+                                 AttemptError("aborted", f"aborted: {self._abort_reason or 'cancelled'}", retryable=False))
+            self.writer.execute("UPDATE requests SET n_attempts=?, updated_at=? WHERE request_id=?",
+                                (n, utcnow(), item.request_id))
+            raise
+        finally:
+            c.in_flight -= 1
+        self._record_attempt(item, n, started_at, time.perf_counter() - t, None)
+        self._record_response(item, n, res)
+        c.ok += 1
+        c.completion_tokens += res.output_tokens
+
+    def _record_attempt(self, item: WorkItem, n: int, started_at: str, dur: float, err: Optional[AttemptError]) -> None:
+        self.writer.insert("attempts", {
+            "request_id": item.request_id, "attempt_no": n, "run_id": self.run_id, "started_at": started_at,
+            "duration_s": dur, "ok": 0 if err else 1,
+            "error_kind": err.kind if err else None, "error": str(err)[:2000] if err else None,
+            "http_status": err.http_status if err else None, "body": err.body if err else None,
+            "retryable": int(err.retryable) if err else 0,
+        })
+
+    def _record_response(self, item: WorkItem, n: int, r: Completion) -> None:
+        now = utcnow()
+        self.writer.insert("responses", {
+            "request_id": item.request_id, "attempt_no": n, "run_id": self.run_id, "text": r.text,
+            "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens, "total_tokens": r.total_tokens, "ttft_s": r.ttft_s,
+            "tpot_s": r.tpot_s, "e2e_s": r.e2e_s, "itl_json": json.dumps(r.itl), "n_chunks": r.n_chunks,
+            "kv_applied_json": json.dumps(r.kv_applied, sort_keys=True) if r.kv_applied is not None else None,
+            "streamed": int(r.streamed), "created_at": now,
+        }, verb="INSERT OR IGNORE")
+        self.writer.execute(
+            "UPDATE requests SET status='ok', n_attempts=?, last_error=NULL, updated_at=? WHERE request_id=?",
+            (n, now, item.request_id),
+        )
