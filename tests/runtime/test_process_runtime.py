@@ -268,3 +268,53 @@ def test_docker_create_kwargs_gpus_ipc_shm_env_labels():
     kw = rt.create_kwargs(fake_spec("docker", ipc_mode=None, shm_size="2g"), lbl)
     assert kw["shm_size"] == "2g" and "ipc_mode" not in kw and "device_requests" not in kw
     assert "entrypoint" not in kw  # the image's own entrypoint
+
+
+def test_process_gets_cuda_visible_devices_for_its_gpus(rt: ProcessRuntime, tmp_path: Path):
+    with rt.running(fake_spec("process", gpu=True, gpus=[2, 5]), {}, tmp_path / "c.log") as inst:
+        assert psutil.Process(inst.pids[0]).environ()["CUDA_VISIBLE_DEVICES"] == "2,5"
+
+
+def test_docker_pull_reports_progress_and_records_the_repo_digest():
+    """The pull path with a stub SDK client (there is no registry here): progress sums the layers,
+    and the digest recorded is the RepoDigest of the pulled repository."""
+    from docker.errors import ImageNotFound
+
+    from kv_transition.runtime.docker import DockerRuntime, _digest_of
+
+    class Img:
+        id = "sha256:imageid"
+        attrs = {"RepoDigests": ["other/repo@sha256:zzz", "example/engine@sha256:abc"]}
+
+    class Images:
+        pulled = False
+
+        def get(self, ref):
+            if not self.pulled:
+                raise ImageNotFound(ref)
+            return Img()
+
+    class Api:
+        def __init__(self, images):
+            self.images = images
+
+        def pull(self, repo, tag, stream, decode):
+            assert (repo, tag, stream, decode) == ("example/engine", "v1", True, True)
+            yield {"status": "Pulling from example/engine", "id": "v1"}
+            yield {"status": "Downloading", "id": "l1", "progressDetail": {"current": 5, "total": 10}}
+            yield {"status": "Downloading", "id": "l2", "progressDetail": {"current": 1, "total": 30}}
+            yield {"status": "Downloading", "id": "l1", "progressDetail": {"current": 10, "total": 10}}
+            self.images.pulled = True
+            yield {"status": "Status: Downloaded newer image for example/engine:v1"}
+
+    class Client:
+        images = Images()
+        api = Api(images)
+
+    seen = []
+    rt = DockerRuntime(client=Client(), progress=lambda status, done, total: seen.append((done, total)))
+    img = rt.ensure_image(fake_spec("docker", image="example/engine", tag="v1"))
+    assert seen[-1] == (11, 40) and (6, 40) in seen
+    assert _digest_of(img, "example/engine") == "example/engine@sha256:abc"
+    Img.attrs = {"RepoDigests": []}
+    assert _digest_of(Img(), "example/engine") == "sha256:imageid"

@@ -1,7 +1,7 @@
 """`process` runtime: a local engine process in its own process group (the kvpress engine on CPU).
 
 argv = spec.command (a leading python/python3 becomes sys.executable) + spec.args; env = os.environ +
-spec.env (+ KVT_ENGINE_* markers); stdout+stderr → the log file. Stop = SIGTERM to the whole group,
+CUDA_VISIBLE_DEVICES=spec.gpus (when spec.gpu) + spec.env (+ KVT_ENGINE_OWNER); stdout+stderr → the log file. Stop = SIGTERM to the whole group,
 SIGKILL after the timeout. Every started engine is written to a small pidfile registry
 (`ProcessRegistry`, default `$KVT_STATE_DIR/processes` or `~/.local/state/kv-transition/processes`) so
 `kvt cleanup` can kill what a SIGKILL'd harness left behind.
@@ -221,6 +221,8 @@ class ProcessRuntime(Runtime):
         log_path = Path(log_path)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
+        if spec.gpu and spec.gpus:  # the process analogue of the container's DeviceRequest
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in spec.gpus)
         env.update(spec.env)
         env["KVT_ENGINE_OWNER"] = lbl[next(k for k in lbl if k.endswith(".owner"))]
         env["PYTHONUNBUFFERED"] = env.get("PYTHONUNBUFFERED", "1")
