@@ -16,7 +16,7 @@ import pytest
 from kv_transition.runtime import EngineStartError
 from kv_transition.runtime.base import CELL_LABEL, GROUP_LABEL, OWNER_LABEL
 from kv_transition.runtime.docker import DockerRuntime, ImageUnavailableError, cleanup_containers
-from tests.fakes.fake_engine import fake_spec, spawn_child
+from tests.fakes.fake_engine import fake_spec, spawn_child, spawn_child_nowait, wait_for_text
 
 pytestmark = pytest.mark.docker
 
@@ -135,6 +135,20 @@ def test_signal_to_harness_leaves_no_container(sig, rcs, docker_client, test_ima
     assert p.returncode in rcs, err
     assert _ours(docker_client, group) == [] and _gone(docker_client, cid)
     assert "shutting down" in (tmp_path / "child.log").read_text()
+
+
+def test_sigint_during_health_wait_leaves_no_container(docker_client, test_image, group, tmp_path):
+    log = tmp_path / "child.log"
+    p = spawn_child_nowait("docker", group, log, fault=["--unhealthy-for", "60"])
+    try:
+        assert wait_for_text(log, "listening on"), "the container never started"
+        assert len(_ours(docker_client, group)) == 1
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode in (-signal.SIGINT, 130)
+    assert _ours(docker_client, group) == []
 
 
 def test_cleanup_removes_leftovers_of_a_sigkilled_harness(docker_client, test_image, group, tmp_path, capsys):

@@ -91,3 +91,31 @@ def spawn_child(runtime: str, group: str, log_path: Path, registry: Optional[Pat
         out, err = p.communicate(timeout=10)
         raise AssertionError(f"child harness never became ready (rc={p.returncode}): {line}{out}\n{err}")
     return p, line.split()[1]
+
+
+def spawn_child_nowait(runtime: str, group: str, log_path: Path, registry: Optional[Path] = None,
+                       fault: Sequence[str] = ()):
+    """Like spawn_child, but returns at once (for signals during startup/health wait)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = FAKES_DIR.parents[1]
+    argv = [sys.executable, "-m", "tests.fakes.run_engine_child", runtime, group, str(log_path)]
+    if registry is not None:
+        argv.append(str(registry))
+    if fault:
+        argv += ["--", *fault]
+    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen(argv, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_text(path: Path, text: str, timeout_s: float = 20.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.is_file() and text in path.read_text(errors="replace"):
+            return True
+        time.sleep(0.05)
+    return False

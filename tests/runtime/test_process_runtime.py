@@ -17,7 +17,7 @@ from kv_transition.runtime import EngineStartError, get_runtime
 from kv_transition.runtime.base import CELL_LABEL, GROUP_LABEL, OWNER_LABEL
 from kv_transition.runtime.process import ProcessRegistry, ProcessRuntime, cleanup_processes
 from kv_transition.runtime.signals import deferred_signals, stop_on_signals
-from tests.fakes.fake_engine import fake_spec, serve_in_thread, spawn_child
+from tests.fakes.fake_engine import fake_spec, serve_in_thread, spawn_child, spawn_child_nowait, wait_for_text
 
 
 def _gone(pid: int) -> bool:
@@ -133,6 +133,20 @@ def test_signal_to_harness_leaves_no_engine(sig: int, rcs: tuple[int, ...], regi
     assert p.returncode in rcs
     assert _wait_gone([pid, *kids], 5)
     assert ProcessRegistry(registry).entries() == []
+
+
+def test_sigint_during_health_wait_leaves_no_engine(registry: Path, tmp_path: Path):
+    log = tmp_path / "c.log"
+    p = spawn_child_nowait("process", "sigwait", log, registry, ["--unhealthy-for", "60"])
+    try:
+        assert wait_for_text(log, "listening on"), "the engine never started"
+        (entry,) = ProcessRegistry(registry).entries()
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=20)
+    finally:
+        p.kill()
+    assert p.returncode in (-signal.SIGINT, 130)
+    assert _wait_gone([entry.pid], 5) and ProcessRegistry(registry).entries() == []
 
 
 def test_cleanup_kills_leftovers_of_a_sigkilled_harness(registry: Path, tmp_path: Path, capsys):
