@@ -118,7 +118,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     """Remove leftover engine containers (by label) and engine process groups (pidfile registry)."""
     from kv_transition.runtime.cleanup import cleanup
 
-    rep = cleanup(group=args.group, runtime=args.runtime, registry_dir=args.registry, dry_run=args.dry_run)
+    rep = cleanup(group=args.group, runtime=args.runtime, registry_dir=args.registry, dry_run=args.dry_run,
+                  force=args.force)
     for line in rep.skipped:
         sys.stderr.write(f"kvt: note: {line}\n")
     lines = rep.lines()
@@ -213,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--registry", metavar="DIR", help="the process runtime's pidfile registry "
                     "(default $KVT_STATE_DIR/processes or ~/.local/state/kv-transition/processes)")
     sp.add_argument("-n", "--dry-run", action="store_true", help="list, remove nothing")
+    sp.add_argument("--force", action="store_true",
+                    help="also remove engines whose harness (a `kvt run` on this host) is still running")
 
     m = sub.add_parser("manifest", help="manifest tools")
     msub = m.add_subparsers(dest="manifest_command", metavar="SUBCOMMAND", parser_class=_Parser)

@@ -170,6 +170,18 @@ def test_cleanup_kills_leftovers_of_a_sigkilled_harness(registry: Path, tmp_path
     assert cleanup_processes(registry_dir=registry) == []
 
 
+def test_cleanup_leaves_engines_of_a_running_harness_unless_forced(registry: Path, tmp_path: Path):
+    p, ident = spawn_child("process", "live", tmp_path / "c.log", registry)
+    try:
+        (row,) = cleanup_processes(registry_dir=registry)
+        assert row["action"].startswith("skipped (its harness") and not _gone(int(ident))
+        (row,) = cleanup_processes(registry_dir=registry, force=True)
+        assert row["action"] == "killed" and _wait_gone([int(ident)], 5)
+    finally:
+        p.kill()
+        p.wait(timeout=10)
+
+
 def test_cleanup_drops_stale_entries(registry: Path, tmp_path: Path):
     rt = ProcessRuntime(registry_dir=registry)
     inst = rt.start(fake_spec("process"), {"group": "g"}, tmp_path / "c.log")
@@ -269,6 +281,9 @@ def test_docker_create_kwargs_gpus_ipc_shm_env_labels():
 
     rt = DockerRuntime(client=object())
     lbl = full_labels({"group": "g", "cell": "c", "org.example/x": "1", "kv-transition.extra": "y"})
+    from kv_transition.runtime.base import HARNESS_LABEL, harness_alive
+
+    assert lbl.pop(HARNESS_LABEL).split(":")[1] == str(os.getpid())
     assert lbl == {OWNER_LABEL: "kv-transition", GROUP_LABEL: "g", CELL_LABEL: "c",
                    "org.example/x": "1", "kv-transition.extra": "y"}
     spec = fake_spec("docker", gpu=True, gpus=[0, 3], ipc_mode="host", shm_size="8g",

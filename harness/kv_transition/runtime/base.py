@@ -25,6 +25,7 @@ OWNER = "kv-transition"
 OWNER_LABEL = "kv-transition.owner"
 GROUP_LABEL = "kv-transition.group"
 CELL_LABEL = "kv-transition.cell"
+HARNESS_LABEL = "kv-transition.harness"  # host:pid:start-time of the harness that started the engine
 
 
 class EngineStartError(KvtError):
@@ -115,14 +116,41 @@ class Runtime(ABC):
 
 def full_labels(labels: Optional[dict[str, str]]) -> dict[str, str]:
     """Caller labels → container/registry labels: `group`/`cell` (or any key without a dot) get the
-    `kv-transition.` prefix; dotted keys are kept; the owner label is always set."""
+    `kv-transition.` prefix; dotted keys are kept; the owner and harness labels are always set."""
     out = {OWNER_LABEL: OWNER}
     for k, v in (labels or {}).items():
         if v is None:
             continue
         out[k if "." in k else f"{LABEL_PREFIX}{k}"] = str(v)
     out[OWNER_LABEL] = OWNER
+    out.setdefault(HARNESS_LABEL, harness_id())
     return out
+
+
+def harness_id() -> str:
+    """This process as `host:pid:start-time` (start time guards against pid reuse)."""
+    import os
+    import socket
+
+    import psutil
+
+    return f"{socket.gethostname()}:{os.getpid()}:{int(psutil.Process().create_time())}"
+
+
+def harness_alive(hid: Optional[str]) -> bool:
+    """True when `hid` (from harness_id) names a live process on this host other than this one."""
+    import os
+    import socket
+
+    import psutil
+
+    try:
+        host, pid, ct = (hid or "").rsplit(":", 2)
+        if host != socket.gethostname() or int(pid) == os.getpid():
+            return False
+        return int(psutil.Process(int(pid)).create_time()) == int(ct)
+    except (ValueError, psutil.Error):
+        return False
 
 
 def now_iso() -> str:

@@ -26,15 +26,16 @@ class CleanupReport:
 
 
 def cleanup(group: Optional[str] = None, runtime: str = "all", registry_dir: Optional[Path | str] = None,
-            dry_run: bool = False, client: Any = None) -> CleanupReport:
+            dry_run: bool = False, client: Any = None, force: bool = False) -> CleanupReport:
     """runtime: all | docker | process. With `all`, an unreachable Docker daemon is noted in
-    `skipped` and the processes are still cleaned; with `docker` it raises DockerUnavailableError."""
+    `skipped` and the processes are still cleaned; with `docker` it raises DockerUnavailableError.
+    Engines whose harness is still running are left alone unless `force`."""
     rep = CleanupReport()
     if runtime in ("all", "docker"):
         from kv_transition.runtime.docker import DockerUnavailableError, cleanup_containers
 
         try:
-            rep.containers = cleanup_containers(group=group, client=client, dry_run=dry_run)
+            rep.containers = cleanup_containers(group=group, client=client, dry_run=dry_run, force=force)
         except DockerUnavailableError as e:
             if runtime == "docker":
                 raise
@@ -42,5 +43,5 @@ def cleanup(group: Optional[str] = None, runtime: str = "all", registry_dir: Opt
     if runtime in ("all", "process"):
         from kv_transition.runtime.process import cleanup_processes
 
-        rep.processes = cleanup_processes(group=group, registry_dir=registry_dir, dry_run=dry_run)
+        rep.processes = cleanup_processes(group=group, registry_dir=registry_dir, dry_run=dry_run, force=force)
     return rep

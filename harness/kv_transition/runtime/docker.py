@@ -23,12 +23,14 @@ from kv_transition.errors import KvtError
 from kv_transition.runtime.base import (
     CELL_LABEL,
     GROUP_LABEL,
+    HARNESS_LABEL,
     OWNER,
     OWNER_LABEL,
     EngineStartError,
     Instance,
     Runtime,
     full_labels,
+    harness_alive,
     now_iso,
 )
 from kv_transition.runtime.health import port_in_use, wait_healthy
@@ -335,10 +337,12 @@ class DockerRuntime(Runtime):
 
 
 def cleanup_containers(group: Optional[str] = None, client: Any = None, dry_run: bool = False,
-                       extra_labels: Optional[dict[str, str]] = None) -> list[dict[str, Any]]:
-    """Remove (force) every container labelled owner=kv-transition (and group=…, and extra labels).
+                       extra_labels: Optional[dict[str, str]] = None, force: bool = False) -> list[dict[str, Any]]:
+    """Remove (force) every container labelled owner=kv-transition (and group=…, and extra labels),
+    except those whose harness is still alive on this host (a run in progress) unless `force`.
 
-    Returns one dict per container: id, name, status, group, cell, action (removed | would remove)."""
+    Returns one dict per container: id, name, status, group, cell, action
+    (removed | would remove | skipped (harness pid N alive) | gone)."""
     from docker.errors import APIError, NotFound
 
     client = client or docker_client()
@@ -351,7 +355,9 @@ def cleanup_containers(group: Optional[str] = None, client: Any = None, dry_run:
         lb = c.labels or {}
         row = {"id": c.short_id, "name": c.name, "status": c.status, "group": lb.get(GROUP_LABEL),
                "cell": lb.get(CELL_LABEL), "action": "would remove" if dry_run else "removed"}
-        if not dry_run:
+        if not force and harness_alive(lb.get(HARNESS_LABEL)):
+            row["action"] = f"skipped (its harness, pid {lb[HARNESS_LABEL].rsplit(':', 2)[1]}, is running; --force)"
+        elif not dry_run:
             try:
                 c.remove(force=True)
             except NotFound:

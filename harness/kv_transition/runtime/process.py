@@ -27,10 +27,12 @@ from kv_transition.errors import KvtError
 from kv_transition.runtime.base import (
     CELL_LABEL,
     GROUP_LABEL,
+    HARNESS_LABEL,
     EngineStartError,
     Instance,
     Runtime,
     full_labels,
+    harness_alive,
     now_iso,
 )
 from kv_transition.runtime.health import port_in_use, wait_healthy
@@ -166,11 +168,12 @@ def _not_zombie(p: psutil.Process) -> bool:
 
 
 def cleanup_processes(group: Optional[str] = None, registry_dir: Optional[Path | str] = None,
-                      dry_run: bool = False, timeout_s: float = 10.0) -> list[dict[str, Any]]:
-    """Kill leftover engine process groups found in the registry (optionally one experiment group).
+                      dry_run: bool = False, timeout_s: float = 10.0, force: bool = False) -> list[dict[str, Any]]:
+    """Kill leftover engine process groups found in the registry (optionally one experiment group),
+    except those whose harness is still alive (a run in progress) unless `force`.
 
-    Returns one dict per registry entry acted on: pid, group, cell, argv, action (killed | gone | would kill).
-    Entries of processes that no longer exist are dropped."""
+    Returns one dict per registry entry acted on: pid, group, cell, argv, action (killed | gone |
+    would kill | skipped …). Entries of processes that no longer exist are dropped."""
     reg = ProcessRegistry(registry_dir)
     out = []
     for e in reg.entries():
@@ -178,7 +181,9 @@ def cleanup_processes(group: Optional[str] = None, registry_dir: Optional[Path |
             continue
         alive = _entry_alive(e)
         row = {"pid": e.pid, "group": e.group, "cell": e.cell, "argv": e.argv}
-        if dry_run:
+        if alive and not force and harness_alive(e.labels.get(HARNESS_LABEL)):
+            row["action"] = f"skipped (its harness, pid {e.harness_pid}, is running; --force)"
+        elif dry_run:
             row["action"] = "would kill" if alive else "gone"
         else:
             if alive:
