@@ -117,9 +117,8 @@ class PromptBuilder:
         for flag in (True, False):
             idx = [i for i, c in enumerate(chats) if c == flag]
             if idx:
-                enc = self.tok.encode_batch([finals[i] for i in idx], add_special_tokens=not flag)
-                for i, ids in zip(idx, enc):
-                    counts[i] = len(ids)
+                for i, n in zip(idx, self.tok.count_many([finals[i] for i in idx], add_special_tokens=not flag)):
+                    counts[i] = n
         return [self.build(ex, self.spec_for(ex, specs), counted=c) for ex, c in zip(examples, counts)]
 
     @staticmethod

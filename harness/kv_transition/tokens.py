@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import re
 import importlib.util
 import json
 import os
@@ -48,6 +49,37 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# A space after sentence-final punctuation and before a letter is a pre-token boundary for
+# byte-level BPE tokenizers with a regex pre-tokenizer (GPT-2, Llama-3, Qwen, SmolLM families):
+# no pre-token spans it, so count(a + b) == count(a) + count(b) when cutting there.
+_SENTENCE_CUT = re.compile(r"(?<=[.!?])(?= [^\W\d_])")
+_CHUNK_CACHE_MAX = 1_000_000
+
+
+def _splits_exactly(hf: Any) -> bool:
+    """Whether counting sentence chunks separately is exact for this tokenizer."""
+    try:
+        spec = json.loads(hf.backend_tokenizer.to_str())
+    except Exception:
+        return False
+    norm = spec.get("normalizer")
+    if norm is not None and norm.get("type") != "NFC":
+        return False
+    pre = spec.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = {p.get("type") for p in parts}
+    if not any(p.get("type") == "ByteLevel" and p.get("use_regex", True) for p in parts):
+        return False
+    if not kinds <= {"ByteLevel", "Digits", "Split"}:
+        return False
+    if any(p.get("type") == "ByteLevel" and p.get("add_prefix_space") for p in parts):
+        return False
+    for t in spec.get("added_tokens", []):
+        if " " in t.get("content", "") or t.get("lstrip") or t.get("rstrip"):
+            return False
+    return True
+
+
 @dataclass
 class Tokenizer:
     """A thin value over the real tokenizer: encode/decode/count and the chat template."""
@@ -57,6 +89,32 @@ class Tokenizer:
     kind: str
     _hf: Any = field(default=None, repr=False)
     _tt: Any = field(default=None, repr=False)
+    _chunk_counts: dict[tuple[str, bool], int] = field(default_factory=dict, repr=False)
+    _exact_chunks: Optional[bool] = field(default=None, repr=False)
+
+    @property
+    def chunked_counting(self) -> bool:
+        if self._exact_chunks is None:
+            self._exact_chunks = self._hf is not None and _splits_exactly(self._hf)
+        return self._exact_chunks
+
+    def count_many(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[int]:
+        """Exact token counts of many texts. For byte-level BPE tokenizers the texts are cut at
+        sentence boundaries (where no pre-token spans the cut) and each distinct sentence is
+        tokenized once — long synthetic haystacks repeat their sentences, real text costs the same
+        as a plain batch encode."""
+        if not self.chunked_counting or add_special_tokens:
+            return [len(ids) for ids in self.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        cache = self._chunk_counts
+        split = [_SENTENCE_CUT.split(t) for t in texts]
+        missing = list({c for parts in split for c in parts if (c, False) not in cache})
+        if len(cache) + len(missing) > _CHUNK_CACHE_MAX:
+            cache.clear()
+        for i in range(0, len(missing), 4096):
+            part = missing[i: i + 4096]
+            for c, ids in zip(part, self.encode_batch(part)):
+                cache[(c, False)] = len(ids)
+        return [sum(cache[(c, False)] for c in parts) for parts in split]
 
     @property
     def has_chat_template(self) -> bool:
@@ -74,10 +132,7 @@ class Tokenizer:
         return [e.ids for e in encs]
 
     def count(self, text: str) -> int:
-        return len(self.encode(text))
-
-    def count_batch(self, texts: Sequence[str]) -> list[int]:
-        return [len(ids) for ids in self.encode_batch(texts)]
+        return self.count_many([text])[0]
 
     def decode(self, ids: Sequence[int]) -> str:
         if self._tt is not None:

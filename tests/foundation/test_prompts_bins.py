@@ -113,3 +113,21 @@ def test_select_is_seeded_deterministic_and_bounded():
 
 def test_bin_label_formatting():
     assert Bin(0, 0, 1536).label == "0-1.5k" and Bin(1, 1536, None).label == "1.5k+"
+
+
+# --- exact chunked counting ---------------------------------------------------------------
+
+_SENTS = ["The grass is green.", "It was 1999!", "Why? Because.", "naïve café, déjà vu.", "x=1; y=2.",
+          "東京は大きい。", "  Two  spaces.", "Tabs\tand\nnewlines.", "<|im_start|>user", "Ünïcode Ärger?",
+          "He said: 'Hello.' Then left.", "e.g. This one.", "3.14 is pi.", "END"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_SENTS), min_size=1, max_size=30), st.lists(st.sampled_from(["", " ", "\n", "  "]),
+                                                                          min_size=30, max_size=30))
+def test_chunked_count_equals_full_encode(smol_tokenizer, sents, seps):
+    text = "".join(s + sep for s, sep in zip(sents, seps))
+    assert smol_tokenizer.chunked_counting
+    assert smol_tokenizer.count(text) == len(smol_tokenizer.encode(text))
+    chat = smol_tokenizer.chat(text)
+    assert smol_tokenizer.count_many([chat, text]) == [len(smol_tokenizer.encode(chat)), len(smol_tokenizer.encode(text))]
