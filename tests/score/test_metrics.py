@@ -243,16 +243,44 @@ def test_rouge_zh_recursion_boundary_is_one_call_lower():
     assert score_longbench_detailed("gov_report", bad, [bad])[1] == ()  # English allows it
 
 
-def test_numpy_and_python_lcs_tables_agree():
-    import random
+def _plain_lcs_table(x, y):
+    """The textbook DP rouge's _lcs fills: match -> diagonal + 1, else max(up, left)."""
+    t = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
+    for i in range(1, len(x) + 1):
+        for j in range(1, len(y) + 1):
+            t[i][j] = t[i - 1][j - 1] + 1 if x[i - 1] == y[j - 1] else max(t[i - 1][j], t[i][j - 1])
+    return t
 
-    rng = random.Random(3)
-    for _ in range(50):
-        x = [f"t{rng.randrange(4)}" for _ in range(rng.randint(1, 40))]
-        y = [f"t{rng.randrange(4)}" for _ in range(rng.randint(1, 40))]
-        py = M._lcs_table_py(x, y, set(y))
-        npt = M._lcs_table_np(x, y, set(y))
-        assert [list(r) for r in py] == npt.tolist()
+
+def _plain_recon(x, y):
+    """rouge's _recon, iteratively: tokens of the reconstructed LCS and the number of calls."""
+    t = _plain_lcs_table(x, y)
+    i, j, calls, out = len(x), len(y), 1, []
+    while i > 0 and j > 0:
+        if x[i - 1] == y[j - 1]:
+            out.append(x[i - 1])
+            i, j = i - 1, j - 1
+        elif t[i - 1][j] > t[i][j - 1]:
+            i -= 1
+        else:
+            j -= 1
+        calls += 1
+    return out, calls
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    x=st.lists(st.sampled_from("abcd"), min_size=1, max_size=70),
+    y=st.lists(st.sampled_from("abcde"), min_size=1, max_size=70),
+)
+def test_bit_parallel_lcs_equals_the_textbook_table(x, y):
+    rows = M._lcs_rows(x, y)
+    table = [[j - (r & ((1 << j) - 1)).bit_count() for j in range(len(y) + 1)] for r in rows]
+    assert table == _plain_lcs_table(x, y)
+    tokens, calls = _plain_recon(x, y)
+    limit = calls  # exactly enough calls: same tokens; one fewer: the recursion error
+    assert M._recon_lcs_tokens(x, y, limit) == tokens
+    assert M._recon_lcs_tokens(x, y, limit - 1) is None
 
 
 _SENT_WORDS = st.lists(st.sampled_from(["a", "b", "c", "d", "the", "cat", "x"]), min_size=0, max_size=12)
@@ -483,6 +511,32 @@ def test_exact_whole_token():
     # case- and whitespace-insensitive for word answers; any of several answers
     assert score_synthetic("exact", "It is BLUE  Whale", ["blue whale"]) == 1.0
     assert score_synthetic("exact", "red", ["blue", "red"]) == 1.0
+
+
+def test_exact_boundaries_are_letters_and_digits_only():
+    # punctuation, underscores and brackets are boundaries; letters and digits are not
+    assert score_synthetic("exact", "key_71432", ["71432"]) == 1.0
+    assert score_synthetic("exact", "(71432)", ["71432"]) == 1.0
+    assert score_synthetic("exact", "71432x", ["71432"]) == 0.0
+    # a later occurrence can qualify when the first one does not
+    assert score_synthetic("exact", "714321 then 71432", ["71432"]) == 1.0
+
+
+_SYN_ALPHABET = st.sampled_from(list("0123456789ab .,_-"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.lists(_SYN_ALPHABET, max_size=30).map("".join),
+       answer=st.lists(_SYN_ALPHABET, min_size=1, max_size=5).map("".join).filter(lambda a: a.strip()))
+def test_exact_matches_a_regex_oracle(text, answer):
+    import re
+
+    a = " ".join(answer.casefold().split())
+    t = " ".join(text.casefold().split())
+    left = (r"(?<![^\W_])" + (r"(?<!\d\.)" if a[0].isdigit() else "")) if a[0].isalnum() else ""
+    right = (r"(?![^\W_])" + (r"(?!\.\d)" if a[-1].isdigit() else "")) if a[-1].isalnum() else ""
+    expected = 1.0 if re.search(left + re.escape(a) + right, t) else 0.0
+    assert score_synthetic("exact", text, [answer]) == expected
 
 
 def test_contains_all_is_a_fraction():

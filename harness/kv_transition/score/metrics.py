@@ -64,8 +64,6 @@ from collections import Counter
 from itertools import chain
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-import numpy as np
-
 from kv_transition.errors import DataError, KvtError
 
 # --------------------------------------------------------------------------------------------
@@ -250,8 +248,6 @@ def qa_f1_zh_score(prediction: str, ground_truth: str, **_: Any) -> float:
 ROUGE_MAX_RECON_FRAMES = 991
 ROUGE_ZH_MAX_RECON_FRAMES = 990
 
-_NUMPY_CELLS = 20_000  # LCS tables at least this big are filled with numpy
-
 
 def _rouge_sentences(text: str) -> list[list[str]]:
     """rouge 1.0.1: sentences = pieces of ``split('.')`` with len > 0, whitespace-collapsed; words =
@@ -259,46 +255,22 @@ def _rouge_sentences(text: str) -> list[list[str]]:
     return [" ".join(piece.split()).split(" ") for piece in text.split(".") if len(piece) > 0]
 
 
-def _lcs_table_py(x: Sequence[str], y: Sequence[str], yset: set[str]) -> list[list[int]]:
-    prev = [0] * (len(y) + 1)
-    table = [prev]
-    for xi in x:
-        if xi not in yset:
-            table.append(prev)  # a token absent from y leaves the row unchanged
-            continue
-        row = [0]
-        left = 0
-        for j, yj in enumerate(y):
-            if yj == xi:
-                left = prev[j] + 1
-            else:
-                up = prev[j + 1]
-                if up > left:
-                    left = up
-            row.append(left)
-        table.append(row)
-        prev = row
-    return table
-
-
-def _lcs_table_np(x: Sequence[str], y: Sequence[str], yset: set[str]) -> np.ndarray:
-    # Row i is the running max of cand[j] = prev[j-1] + 1 where x[i-1] == y[j-1], else prev[j]
-    # (a match value prev[j-1] + 1 is never below prev[j] nor the value to its left, so this equals
-    # the classic recurrence the package uses).
-    ids: dict[str, int] = {}
-    y_ids = np.fromiter((ids.setdefault(t, len(ids)) for t in y), dtype=np.int64, count=len(y))
-    dtype = np.int16 if len(y) < 32767 else np.int32
-    table = np.zeros((len(x) + 1, len(y) + 1), dtype=dtype)
-    for i, xi in enumerate(x, 1):
-        prev = table[i - 1]
-        if xi not in yset:
-            table[i] = prev
-            continue
-        cand = prev[1:].copy()
-        match = y_ids == ids[xi]
-        cand[match] = prev[:-1][match] + 1
-        np.maximum.accumulate(cand, out=table[i, 1:])
-    return table
+def _lcs_rows(x: Sequence[str], y: Sequence[str]) -> list[int]:
+    """The LCS table of x against y, one bit-vector per row (bit-parallel LCS, Hyyro 2004):
+    row i has bit j-1 clear exactly where table[i][j] = table[i][j-1] + 1, so
+    ``table[i][j] = j - popcount(rows[i] & (2**j - 1))``. Same table as rouge's ``_lcs`` dict."""
+    match: dict[str, int] = {}
+    for pos, token in enumerate(y):
+        match[token] = match.get(token, 0) | (1 << pos)
+    full = (1 << len(y)) - 1
+    v = full
+    rows = [v]
+    for token in x:
+        u = v & match.get(token, 0)
+        if u:
+            v = ((v + u) | (v - u)) & full
+        rows.append(v)
+    return rows
 
 
 def _recon_lcs_tokens(x: Sequence[str], y: Sequence[str], max_frames: int) -> Optional[list[str]]:
@@ -309,34 +281,29 @@ def _recon_lcs_tokens(x: Sequence[str], y: Sequence[str], max_frames: int) -> Op
     n, m = len(x), len(y)
     if min(n, m) + 1 > max_frames:  # every call lowers i or j by at most one
         return None
-    yset = set(y)
-    if yset.isdisjoint(x):
+    if set(y).isdisjoint(x):
         # all-zero table: ties always go left, from (n, m) to (n, 0): m + 1 calls, no tokens
         return None if m + 1 > max_frames else []
-    if n * m >= _NUMPY_CELLS:
-        t = _lcs_table_np(x, y, yset)
-
-        def cell(i: int, j: int) -> int:
-            return int(t[i, j])
-    else:
-        tl = _lcs_table_py(x, y, yset)
-
-        def cell(i: int, j: int) -> int:
-            return tl[i][j]
-
+    rows = _lcs_rows(x, y)
     out: list[str] = []
     i, j, frames = n, m, 1
+    check = n + m > max_frames  # the path has at most n + m calls
     while i > 0 and j > 0:
         if x[i - 1] == y[j - 1]:
             out.append(x[i - 1])
             i -= 1
             j -= 1
-        elif cell(i - 1, j) > cell(i, j - 1):
-            i -= 1
         else:
-            j -= 1
+            low = (1 << (j - 1)) - 1
+            # table[i-1][j] > table[i][j-1]  <=>  j - pc(rows[i-1] & low_j) > (j-1) - pc(rows[i] & low)
+            up = j - (rows[i - 1] & (low | (1 << (j - 1)))).bit_count()
+            left = (j - 1) - (rows[i] & low).bit_count()
+            if up > left:
+                i -= 1
+            else:
+                j -= 1
         frames += 1
-        if frames > max_frames:
+        if check and frames > max_frames:
             return None
     return out
 
@@ -353,8 +320,15 @@ def rouge_l_detailed(
     m = len(set(chain.from_iterable(ref)))  # distinct reference words
     n = len(set(chain.from_iterable(hyp)))  # distinct candidate words
     union: set[str] = set()
+    hyp_sets = [set(words) for words in hyp]
     for ref_words in ref:
-        for hyp_words in hyp:
+        ref_set = set(ref_words)
+        for hyp_words, hyp_set in zip(hyp, hyp_sets):
+            # Shortcut, exact: an LCS only holds words common to both sentences, so when all of
+            # those are in the union already and the recursion cannot overflow (at most n + m
+            # calls), this pair changes nothing.
+            if len(ref_words) + len(hyp_words) <= max_frames and (ref_set & hyp_set) <= union:
+                continue
             tokens = _recon_lcs_tokens(ref_words, hyp_words, max_frames)
             if tokens is None:
                 return 0.0, (FLAG_ROUGE_RECURSION,)
@@ -519,33 +493,41 @@ def score_longbench(
 # --------------------------------------------------------------------------------------------
 
 
-def _is_alnum(ch: str) -> bool:
-    return ch.isalnum()
+def _normalize_synthetic(text: str) -> str:
+    return " ".join(text.casefold().split())
 
 
-def _answer_pattern(answer: str) -> re.Pattern[str]:
-    """The answer (case-folded, whitespace-collapsed) as a whole token: no letter or digit directly
-    before or after it, and a numeric edge is not part of a decimal (``1.71432`` / ``71432.5``)."""
-    norm = " ".join(answer.casefold().split())
-    if not norm:
-        raise DataError(f"synthetic answer {answer!r} is empty")
-    left = right = ""
-    if _is_alnum(norm[0]):
-        left = r"(?<![^\W_])" + (r"(?<!\d\.)" if norm[0].isdigit() else "")
-    if _is_alnum(norm[-1]):
-        right = r"(?![^\W_])" + (r"(?!\.\d)" if norm[-1].isdigit() else "")
-    return re.compile(left + re.escape(norm) + right)
-
-
-def _contains(prediction_norm: str, answer: str) -> bool:
-    return _answer_pattern(answer).search(prediction_norm) is not None
+def _contains(text: str, answer: str) -> bool:
+    """Whether the (normalised) answer occurs in the (normalised) text as a whole token: no letter or
+    digit (``str.isalnum``) directly before or after it, and a numeric edge is not part of a decimal
+    number (``1.71432`` / ``71432.5``). Edges that are not alphanumeric need no boundary."""
+    check_left, check_right = answer[0].isalnum(), answer[-1].isalnum()
+    dec_left, dec_right = answer[0].isdecimal(), answer[-1].isdecimal()
+    size, k = len(text), text.find(answer)
+    while k >= 0:
+        end = k + len(answer)
+        ok = True
+        if check_left and k > 0:
+            before = text[k - 1]
+            ok = not before.isalnum() and not (
+                dec_left and before == "." and k > 1 and text[k - 2].isdecimal()
+            )
+        if ok and check_right and end < size:
+            after = text[end]
+            ok = not after.isalnum() and not (
+                dec_right and after == "." and end + 1 < size and text[end + 1].isdecimal()
+            )
+        if ok:
+            return True
+        k = text.find(answer, k + 1)
+    return False
 
 
 def score_synthetic(metric: str, prediction: str, answers: Sequence[str]) -> float:
     """Synthetic-task score in [0, 1].
 
     - ``"exact"``: 1.0 if any answer appears in the prediction as a whole token (case-insensitive,
-      whitespace-insensitive; see :func:`_answer_pattern`): "The pass key is 71432." scores 1 for
+      whitespace-insensitive; see :func:`_contains`): "The pass key is 71432." scores 1 for
       "71432"; "714320", "a71432" and "71432.5" do not. Else 0.0.
     - ``"contains_all"``: the *fraction* of the answers that appear that way (partial credit, so a
       method that keeps 3 of 4 needles is not scored like one that keeps none).
@@ -553,11 +535,15 @@ def score_synthetic(metric: str, prediction: str, answers: Sequence[str]) -> flo
     gold = _check_inputs(prediction, answers)
     if not gold:
         raise DataError("synthetic scoring needs at least one answer")
-    text = " ".join(prediction.casefold().split())
+    norm = [_normalize_synthetic(a) for a in gold]
+    for raw, a in zip(gold, norm):
+        if not a:
+            raise DataError(f"synthetic answer {raw!r} is empty")
+    text = _normalize_synthetic(prediction)
     if metric == "exact":
-        return 1.0 if any(_contains(text, a) for a in gold) else 0.0
+        return 1.0 if any(_contains(text, a) for a in norm) else 0.0
     if metric == "contains_all":
-        return sum(1 for a in gold if _contains(text, a)) / len(gold)
+        return sum(1 for a in norm if _contains(text, a)) / len(norm)
     raise DataError(f"unknown synthetic metric {metric!r}; valid: {', '.join(SYNTHETIC_METRIC_NAMES)}")
 
 
