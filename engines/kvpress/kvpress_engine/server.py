@@ -1,0 +1,430 @@
+"""FastAPI app: OpenAI-compatible endpoints, a single generation worker thread, Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from .cli import EngineConfig
+from .methods import PressSpec, PressSpecError, resolve_press_spec
+from .metrics import Metrics, engine_metrics
+from .protocol import ChatRequest, CompletionRequest, error_body, validation_message
+
+log = logging.getLogger("kvpress_engine")
+
+
+def err(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code if code is not None else status), status_code=status)
+
+
+@dataclass
+class Job:
+    kind: str  # "completion" | "chat"
+    req: Any
+    spec: PressSpec
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, *event: Any) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class State:
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.metrics: Metrics = engine_metrics()
+        self.engine = None
+        self.ready = False
+        self.status = "loading"
+        self.fatal: str | None = None
+        self.served_name: str | None = cfg.served_model_name
+        self.max_model_len: int | None = None
+        self.info: dict[str, Any] = {}
+        self.jobs: queue.Queue = queue.Queue()
+        self._count_lock = threading.Lock()
+        self.waiting = 0
+        self.running = 0
+        self.created = int(time.time())
+        self.on_fatal = None  # set by __main__: stop the server
+
+    # queue accounting -------------------------------------------------------------------------------------
+    def _gauges(self) -> None:
+        self.metrics.set("num_requests_waiting", self.waiting)
+        self.metrics.set("num_requests_running", self.running)
+        self.metrics.set("queue_depth", self.waiting + self.running)
+
+    def submit(self, job: Job) -> None:
+        with self._count_lock:
+            self.waiting += 1
+            self._gauges()
+        self.jobs.put(job)
+
+    # loading ----------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        from . import loader
+
+        cfg = self.cfg
+        try:
+            import torch
+
+            if cfg.threads:
+                torch.set_num_threads(cfg.threads)
+            src = loader.resolve_model_source(cfg.model, cfg.gguf_file)
+            if self.served_name is None:
+                self.served_name = src.name
+            loaded = loader.load(
+                src,
+                device=cfg.device,
+                dtype=cfg.dtype,
+                attn_implementation=cfg.attn_implementation,
+                cache_dir=cfg.cache_dir,
+                use_cache=not cfg.no_cache,
+                max_model_len=cfg.max_model_len,
+            )
+            from .engine import Encoded, Engine
+
+            limit = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 0)
+            if cfg.max_model_len:
+                if limit and cfg.max_model_len > limit:
+                    raise loader.ModelError(
+                        f"--max-model-len {cfg.max_model_len} exceeds the model's max_position_embeddings {limit}"
+                    )
+                limit = cfg.max_model_len
+            if not limit:
+                raise loader.ModelError("the model config has no max_position_embeddings; pass --max-model-len")
+            engine = Engine(
+                loaded.model,
+                loaded.tokenizer,
+                device=loaded.device,
+                max_model_len=limit,
+                attn_implementation=loaded.attn_implementation,
+                name=self.served_name,
+            )
+            t = time.perf_counter()
+            if cfg.warmup:
+                ids = loaded.tokenizer.encode("Warm-up: the quick brown fox jumps over the lazy dog.")
+                engine.generate(Encoded(ids, None), PressSpec(), 2)
+            warm_s = time.perf_counter() - t
+            self.engine = engine
+            self.max_model_len = limit
+            self.info = {
+                "model": self.served_name,
+                "loaded_from": loaded.loaded_from,
+                "from_cache": loaded.from_cache,
+                "device": loaded.device,
+                "dtype": loaded.dtype,
+                "attn_implementation": loaded.attn_implementation,
+                "max_model_len": limit,
+                "load_s": round(loaded.load_s, 3),
+                "warmup_s": round(warm_s, 3),
+                "default_kv_press": _spec_dict(cfg.default_press),
+            }
+            threading.Thread(target=self._worker, name="kvpress-worker", daemon=True).start()
+            self.ready, self.status = True, "ok"
+            log.info("ready: %s", json.dumps(self.info))
+        except Exception as e:  # noqa: BLE001 - any load failure is fatal for the process
+            from .loader import ModelError
+
+            msg = str(e) if isinstance(e, ModelError) else f"{type(e).__name__}: {e}"
+            if not isinstance(e, ModelError):
+                log.exception("model load failed")
+            log.error("FATAL: %s", msg)
+            self.fatal, self.status = msg, "failed"
+            if self.on_fatal is not None:
+                self.on_fatal()
+
+    # the generation worker ---------------------------------------------------------------------------------
+    def _worker(self) -> None:
+        while True:
+            job: Job = self.jobs.get()
+            with self._count_lock:
+                self.waiting -= 1
+                self.running = 1
+                self._gauges()
+            try:
+                self._run(job)
+            finally:
+                with self._count_lock:
+                    self.running = 0
+                    self._gauges()
+                self.metrics.set("kv_cache_tokens", 0)
+                self.metrics.set("kv_cache_bytes", 0)
+                self.metrics.set("kv_cache_usage_perc", 0)
+
+    def _run(self, job: Job) -> None:
+        from .engine import RequestError
+
+        eng = self.engine
+        req = job.req
+        try:
+            if job.cancel.is_set():
+                job.emit("error", 499, "client went away", None, None)
+                return
+            if job.kind == "completion":
+                enc = eng.encode_completion(req.prompt, job.spec.question_start)
+                max_req = req.max_tokens
+            else:
+                msgs = [m.model_dump() for m in req.messages]
+                enc = eng.encode_chat(msgs, job.spec.question_start)
+                max_req = req.max_completion_tokens or req.max_tokens
+            max_new = eng.check_length(len(enc.ids), max_req, self.cfg.default_max_tokens)
+            job.emit("started", len(enc.ids))
+
+            def on_delta(text: str) -> None:
+                job.emit("delta", text)
+                live = eng.live_kv_tokens
+                self.metrics.set("kv_cache_tokens", live)
+                self.metrics.set("kv_cache_bytes", eng.live_kv_bytes)
+                self.metrics.set("kv_cache_usage_perc", live / self.max_model_len)
+
+            res = eng.generate(
+                enc,
+                job.spec,
+                max_new,
+                stop=req.stop,
+                ignore_eos=req.ignore_eos,
+                on_delta=on_delta,
+                cancelled=job.cancel.is_set,
+            )
+            self._account(res)
+            job.emit("done", res)
+        except RequestError as e:
+            job.emit("error", 400, e.message, e.param, e.code)
+        except PressSpecError as e:
+            job.emit("error", 400, e.message, e.param, None)
+        except Exception as e:  # noqa: BLE001
+            log.exception("generation failed")
+            job.emit("error", 500, f"internal error: {type(e).__name__}: {e}", None, None)
+
+    def _account(self, res) -> None:
+        m, a = self.metrics, res.applied
+        m.inc("prompt_tokens_total", res.prompt_tokens)
+        m.inc("generation_tokens_total", res.completion_tokens)
+        m.inc("kv_tokens_offered_total", a["kv_tokens_before"])
+        m.inc("kv_tokens_kept_total", a["kv_tokens_after"])
+        m.set("kv_tokens_offered_last", a["kv_tokens_before"])
+        m.set("kv_tokens_kept_last", a["kv_tokens_after"])
+        m.set("kv_bytes_after_compression_last", a["kv_bytes_after"])
+        m.inc("kv_bytes_after_compression_total", a["kv_bytes_after"])
+        m.inc("prefill_seconds_total", a["prefill_s"])
+        m.inc("decode_seconds_total", a["decode_s"])
+        m.inc("press_seconds_total", a["press_s"])
+        m.set("prefill_seconds_last", a["prefill_s"])
+        m.set("decode_seconds_last", a["decode_s"])
+
+
+def _spec_dict(spec: PressSpec) -> dict[str, Any]:
+    return {
+        "method": spec.method,
+        "compression_ratio": spec.compression_ratio,
+        "budget": spec.budget,
+        "scope": spec.scope,
+        "params": spec.params,
+    }
+
+
+def create_app(cfg: EngineConfig) -> tuple[FastAPI, State]:
+    state = State(cfg)
+    app = FastAPI(title="kv-transition kvpress engine", docs_url=None, redoc_url=None)
+
+    def count(endpoint: str, status: int) -> None:
+        state.metrics.inc("requests_total", 1, {"endpoint": endpoint, "status": str(status)})
+
+    @app.exception_handler(404)
+    async def not_found(_request: Request, _exc):
+        return err(404, "not found", "not_found_error")
+
+    @app.exception_handler(405)
+    async def not_allowed(_request: Request, _exc):
+        return err(405, "method not allowed", "invalid_request_error")
+
+    @app.get("/health")
+    async def health():
+        if state.ready:
+            return JSONResponse({"status": "ok", **state.info})
+        body = {"status": state.status}
+        if state.fatal:
+            body["error"] = state.fatal
+        return JSONResponse(body, status_code=503)
+
+    @app.get("/v1/models")
+    async def models():
+        if not state.ready:
+            return err(503, "the model is still loading", "service_unavailable_error")
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.served_name,
+                    "object": "model",
+                    "created": state.created,
+                    "owned_by": "kv-transition",
+                    "root": state.info.get("loaded_from"),
+                    "max_model_len": state.max_model_len,
+                }
+            ],
+        }
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def handle(request: Request, kind: str) -> Response:
+        endpoint = "completions" if kind == "completion" else "chat_completions"
+        resp = await _handle(request, kind)
+        count(endpoint, resp.status_code)
+        return resp
+
+    async def _handle(request: Request, kind: str) -> Response:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            return err(400, f"the body is not valid JSON: {e}")
+        if not isinstance(body, dict):
+            return err(400, "the body must be a JSON object")
+        try:
+            req = (CompletionRequest if kind == "completion" else ChatRequest).model_validate(body)
+        except ValidationError as e:
+            msg, param = validation_message(e)
+            return err(400, msg, param=param)
+        try:
+            spec = resolve_press_spec(cfg.default_press, req.kv_press)
+        except PressSpecError as e:
+            return err(400, e.message, param=e.param)
+        if not state.ready:
+            return err(503, "the model is still loading; poll /health", "service_unavailable_error")
+        if req.model is not None and req.model != state.served_name:
+            return err(
+                404, f"the model `{req.model}` does not exist; this server serves `{state.served_name}`",
+                param="model", code="model_not_found",
+            )
+        job = Job(kind, req, spec, asyncio.get_running_loop())
+        state.submit(job)
+        try:
+            first = await job.events.get()
+        except asyncio.CancelledError:
+            job.cancel.set()
+            raise
+        if first[0] == "error":
+            _, status, message, param, code = first
+            return err(status, message, "invalid_request_error" if status < 500 else "internal_error", param, code)
+        rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(
+                _stream(job, kind, rid, created, include_usage), media_type="text/event-stream"
+            )
+        text_parts: list[str] = []
+        while True:
+            ev = await job.events.get()
+            if ev[0] == "delta":
+                text_parts.append(ev[1])
+            elif ev[0] == "error":
+                _, status, message, param, code = ev
+                return err(status, message, "internal_error" if status >= 500 else "invalid_request_error", param, code)
+            else:
+                res = ev[1]
+                break
+        usage = _usage(res)
+        if kind == "completion":
+            body = {
+                "id": rid, "object": "text_completion", "created": created, "model": state.served_name,
+                "choices": [{"index": 0, "text": res.text, "logprobs": None, "finish_reason": res.finish_reason}],
+            }
+        else:
+            body = {
+                "id": rid, "object": "chat.completion", "created": created, "model": state.served_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": res.text},
+                        "logprobs": None,
+                        "finish_reason": res.finish_reason,
+                    }
+                ],
+            }
+        body["usage"] = usage
+        body["kv_press_applied"] = res.applied
+        return JSONResponse(body)
+
+    async def _stream(job: Job, kind: str, rid: str, created: int, include_usage: bool):
+        obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
+
+        def chunk(choices: list, **extra) -> str:
+            c = {"id": rid, "object": obj, "created": created, "model": state.served_name, "choices": choices}
+            if include_usage:
+                c["usage"] = None
+            c.update(extra)
+            return f"data: {json.dumps(c)}\n\n"
+
+        def choice(delta_text: str | None, finish: str | None, first: bool = False) -> dict:
+            if kind == "completion":
+                return {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": finish}
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+            if delta_text is not None:
+                delta["content"] = delta_text
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+        finished = False
+        try:
+            if kind == "chat":
+                yield chunk([choice("", None, first=True)])
+            while True:
+                ev = await job.events.get()
+                if ev[0] == "delta":
+                    yield chunk([choice(ev[1], None)])
+                elif ev[0] == "error":
+                    _, status, message, param, code = ev
+                    yield f"data: {json.dumps(error_body(message, 'internal_error', param, code or status))}\n\n"
+                    break
+                else:
+                    res = ev[1]
+                    yield chunk(
+                        [choice(None if kind == "chat" else "", res.finish_reason)], kv_press_applied=res.applied
+                    )
+                    if include_usage:
+                        c = {
+                            "id": rid, "object": obj, "created": created, "model": state.served_name,
+                            "choices": [], "usage": _usage(res), "kv_press_applied": res.applied,
+                        }
+                        yield f"data: {json.dumps(c)}\n\n"
+                    break
+            finished = True
+            yield "data: [DONE]\n\n"
+        finally:
+            if not finished:
+                job.cancel.set()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, "chat")
+
+    return app, state
+
+
+def _usage(res) -> dict[str, int]:
+    return {
+        "prompt_tokens": res.prompt_tokens,
+        "completion_tokens": res.completion_tokens,
+        "total_tokens": res.prompt_tokens + res.completion_tokens,
+    }
