@@ -347,3 +347,13 @@ def test_docker_pull_reports_progress_and_records_the_repo_digest():
     assert _digest_of(img, "example/engine") == "example/engine@sha256:abc"
     Img.attrs = {"RepoDigests": []}
     assert _digest_of(Img(), "example/engine") == "sha256:imageid"
+
+
+def test_docker_build_context_is_repo_or_engine_relative(tmp_path: Path, monkeypatch):
+    from kv_transition.runtime.docker import build_context
+
+    (tmp_path / "engines" / "e1" / "docker").mkdir(parents=True)
+    monkeypatch.setenv("KVT_ENGINES_DIR", str(tmp_path / "engines"))
+    assert build_context(fake_spec("docker", engine="e1", build={"context": "engines/e1"})) == tmp_path / "engines" / "e1"
+    assert build_context(fake_spec("docker", engine="e1", build={"context": "docker"})) == tmp_path / "engines" / "e1" / "docker"
+    assert build_context(fake_spec("docker", engine="e1", build={"context": "/abs/x"})) == Path("/abs/x")

@@ -88,6 +88,19 @@ def _digest_of(image: Any, repo: str) -> str:
     return digests[0] if digests else image.id
 
 
+def build_context(spec: ResolvedSpec) -> Path:
+    """spec.build.context: absolute, or relative to the repo root (the dir above engines/), or to
+    engines/<engine>/ — the first that exists."""
+    ctx = Path(spec.build["context"]) if spec.build else Path(".")
+    if ctx.is_absolute():
+        return ctx
+    root = engines_root()
+    for cand in (root.parent / ctx, root / spec.engine / ctx):
+        if cand.is_dir():
+            return cand.resolve()
+    return (root.parent / ctx).resolve()
+
+
 class _RichPull:
     """Default pull progress: a rich bar on stderr summing all layers (transient)."""
 
@@ -142,7 +155,7 @@ class DockerRuntime(Runtime):
         except APIError as e:
             raise ImageUnavailableError(f"image {ref}: {_one_line(e)}") from None
         if spec.build and self.build and not spec.digest:
-            ctx = (engines_root() / spec.engine / spec.build["context"]).resolve()
+            ctx = build_context(spec)
             try:
                 image, _ = self.client.images.build(path=str(ctx), dockerfile=spec.build.get("dockerfile", "Dockerfile"),
                                                     buildargs=spec.build.get("args") or None, tag=ref, rm=True)
