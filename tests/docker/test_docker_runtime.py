@@ -178,3 +178,31 @@ def test_missing_image_that_cannot_be_pulled(docker_client, group):
     assert time.monotonic() - t0 < 30 and _ours(docker_client, group) == []
     with pytest.raises(ImageUnavailableError, match="pulling is disabled"):
         DockerRuntime(client=docker_client, pull=False).start(spec, {"group": group}, None)
+
+
+def test_missing_image_with_a_build_section_is_built(docker_client, test_image, group, tmp_path):
+    import uuid
+
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("ARG FROM_IMAGE\nFROM ${FROM_IMAGE}\nLABEL kvt.test=built\n")
+    tag = f"t{uuid.uuid4().hex[:8]}"
+    lines: list[str] = []
+    rt = DockerRuntime(client=docker_client, progress=lambda status, done, total: lines.append(status))
+    spec = fake_spec("docker", image="kvt-test-built", tag=tag,
+                     build={"context": str(ctx), "dockerfile": "Dockerfile", "args": {"FROM_IMAGE": "kvt-test-engine:latest"}})
+    try:
+        with rt.running(spec, {"group": group}, tmp_path / "b.log") as inst:
+            assert httpx.get(inst.base_url + "/v1/models").status_code == 200
+        img = docker_client.images.get(f"kvt-test-built:{tag}")
+        assert img.labels["kvt.test"] == "built" and inst.image_digest == img.id
+        assert any("FROM" in ln for ln in lines)
+        bad = fake_spec("docker", image="kvt-test-built", tag=tag + "x", build={"context": str(ctx), "args": {}})
+        with pytest.raises(ImageUnavailableError, match="the build from .* failed"):
+            rt.start(bad, {"group": group}, None)
+    finally:
+        for t in (tag, tag + "x"):
+            try:
+                docker_client.images.remove(f"kvt-test-built:{t}", force=True)
+            except Exception:
+                pass

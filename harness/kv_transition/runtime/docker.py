@@ -155,17 +155,40 @@ class DockerRuntime(Runtime):
         except APIError as e:
             raise ImageUnavailableError(f"image {ref}: {_one_line(e)}") from None
         if spec.build and self.build and not spec.digest:
-            ctx = build_context(spec)
-            try:
-                image, _ = self.client.images.build(path=str(ctx), dockerfile=spec.build.get("dockerfile", "Dockerfile"),
-                                                    buildargs=spec.build.get("args") or None, tag=ref, rm=True)
-                return image
-            except (BuildError, APIError, OSError, TypeError) as e:
-                raise ImageUnavailableError(f"image {ref}: not present locally and the build from {ctx} failed: "
-                                            f"{_one_line(e)}") from None
+            return self._build(spec)
         if not self.pull:
             raise ImageUnavailableError(f"image {ref}: not present locally and pulling is disabled")
         return self._pull(spec)
+
+    def _build(self, spec: ResolvedSpec) -> Any:
+        """Build spec.image:tag from spec.build (engines that ship a Dockerfile), streaming the build
+        output to the progress callback (or stderr on a terminal)."""
+        from docker.errors import APIError, ImageNotFound
+
+        ref = spec.image_ref
+        ctx = build_context(spec)
+        progress = self.progress
+        if progress is None:
+            from kv_transition.ui import err_console
+
+            if err_console.is_terminal:
+                def progress(status: str, done: int, total: int) -> None:
+                    err_console.print(f"[dim]build {ref}:[/dim] {status}", markup=True, highlight=False)
+        try:
+            for ev in self.client.api.build(path=str(ctx), dockerfile=spec.build.get("dockerfile", "Dockerfile"),
+                                            buildargs=spec.build.get("args") or None, tag=ref, rm=True,
+                                            network_mode="host",  # dockerd may run without a bridge
+                                            decode=True):
+                if "error" in ev:
+                    raise ImageUnavailableError(f"image {ref}: not present locally and the build from {ctx} "
+                                                f"failed: {_one_line(Exception(ev['error']))}")
+                line = str(ev.get("stream", "")).strip()
+                if line and progress is not None:
+                    progress(line, 0, 0)
+            return self.client.images.get(ref)
+        except (APIError, ImageNotFound, OSError, TypeError) as e:
+            raise ImageUnavailableError(f"image {ref}: not present locally and the build from {ctx} failed: "
+                                        f"{_one_line(e)}") from None
 
     def _pull(self, spec: ResolvedSpec) -> Any:
         from docker.errors import APIError, ImageNotFound
