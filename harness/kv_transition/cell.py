@@ -325,7 +325,7 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
         status, reason, run_status = "failed", None, None
         instance_id: Optional[int] = None
         inst_ref: Optional[Instance] = None
-        interrupted = False
+        interrupted: Optional[BaseException] = None
         try:
             with rt.running(spec, labels, log_path) as inst:
                 inst_ref = inst
@@ -373,9 +373,10 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
             if instance_id is None:
                 instance_id = _record_instance(conn, run_id, cell_id, rt_name, spec, None, str(e), str(log_path))
                 conn.execute("UPDATE engine_instances SET exit_code=? WHERE instance_id=?", (e.returncode, instance_id))
-        except KeyboardInterrupt:
-            interrupted = True
-            status, reason, run_status = "incomplete", "interrupted", "interrupted"
+        except (KeyboardInterrupt, SystemExit) as e:  # SIGINT / SIGTERM (runtime.signals raises these)
+            interrupted = e
+            status, run_status = "incomplete", "interrupted"
+            reason = "interrupted (SIGINT)" if isinstance(e, KeyboardInterrupt) else f"terminated (exit {e.code})"
         except Exception as e:
             status, reason = "failed", f"{type(e).__name__}: {e}"
         finally:
@@ -388,8 +389,8 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
             if reason and status != "completed":
                 _event(conn, run_id, cell_id, "error" if status == "failed" else "warning", f"cell_{status}", reason)
             n_req, n_ok, n_failed = _finish(conn, cell_id, run_id, status, reason, n_todo, stats, repeats, run_status)
-        if interrupted:
-            raise KeyboardInterrupt
+        if interrupted is not None:
+            raise interrupted
         if status == "incomplete" and n_ok == n_req:  # e.g. the engine died after the last response
             status, reason = "completed", None
             _finish(conn, cell_id, run_id, status, reason, n_todo, stats, repeats)

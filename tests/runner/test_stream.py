@@ -105,3 +105,29 @@ def test_non_streaming_body() -> None:
     assert r.kv_applied == {"method": "full"} and not r.streamed
     with pytest.raises(AttemptError):
         parse_completion_body(b"<html>", 0, 1)
+
+
+def test_client_sse_framing_over_a_mock_transport() -> None:
+    """The client's inlined framing: comments, event fields, CRLF, a multi-line data event, no final blank line."""
+    import asyncio
+
+    import httpx
+
+    from kv_transition.runner.client import complete, make_client
+
+    body = (": ping\r\n\r\nevent: completion\r\ndata: " + chunk("Hel") + "\r\n\r\n"
+            'data: {"choices": [{"index": 0,\r\ndata:  "text": "lo", "finish_reason": "stop"}]}\r\n\r\n'
+            "data: " + chunk(usage={"completion_tokens": 2}, kv_press_applied={"method": "full"}) + "\r\n\r\n"
+            "data: [DONE]")
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        assert json.loads(req.content)["stream"] is True
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body.encode())
+
+    async def go():
+        async with make_client("http://test", 1, transport=httpx.MockTransport(handler)) as c:
+            return await complete(c, {"stream": True}, stream=True, timeout_s=5)
+
+    r = asyncio.run(go())
+    assert r.text == "Hello" and r.finish_reason == "stop" and r.completion_tokens == 2
+    assert r.kv_applied == {"method": "full"} and len(r.itl) == 1 and r.ttft_s is not None

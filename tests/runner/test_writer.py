@@ -60,3 +60,22 @@ def test_a_bad_row_does_not_lose_the_batch(tmp_path: Path) -> None:
     with pytest.raises(WriterError):
         w.close()
     assert [r["message"] for r in rows(connect(db), "SELECT message FROM events ORDER BY t")] == ["m1", "m3"]
+
+
+def test_coalesced_multi_row_statements_last_update_wins_barriers_kept(tmp_path: Path) -> None:
+    db = tmp_path / "k.sqlite"
+    w = DbWriter(db)
+    for i in range(1200):  # more rows than one multi-row statement takes (500)
+        w.insert("events", _ev(i))
+    for i in range(1200):
+        w.update("events", "event_id", {"event_id": i + 1, "level": "first"})
+    w.update("events", "event_id", {"event_id": 7, "level": "second"})  # same key again: this one wins
+    w.execute("UPDATE events SET kind='barrier' WHERE level='second'")   # sees every update before it
+    w.update("events", "event_id", {"event_id": 7, "level": "third"})   # after the barrier: applied after it
+    w.start()
+    w.flush()
+    assert w.n_statements == 2403 and w.n_sql == 3 + 3 + 1 + 1 and w.n_batches == 1
+    conn = connect(db)
+    assert rows(conn, "SELECT level, kind FROM events WHERE event_id=7") == [{"level": "third", "kind": "barrier"}]
+    assert rows(conn, "SELECT COUNT(*) n FROM events WHERE level='first'")[0]["n"] == 1199
+    w.close()

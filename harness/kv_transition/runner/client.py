@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import httpx
 
-from kv_transition.runner.stream import AttemptError, Completion, SSEDecoder, StreamAccumulator, http_error, parse_completion_body
+from kv_transition.runner.stream import AttemptError, Completion, StreamAccumulator, http_error, parse_completion_body
 
 COMPLETIONS_PATH = "/v1/completions"
 
@@ -59,18 +59,26 @@ async def complete(client: httpx.AsyncClient, body: dict[str, Any], *, stream: b
                     raw = await resp.aread()
                     raise http_error(resp.status_code, raw.decode("utf-8", "replace"))
                 acc = StreamAccumulator(t0)
-                dec = SSEDecoder()
                 perf = time.perf_counter
+                data: list[str] = []
+                # SSEDecoder's framing, inlined (this loop runs per line of every response): `data:`
+                # lines accumulate, a blank line dispatches the event; comments and other fields are
+                # ignored. aiter_lines already splits on \n, \r\n and \r. The body is read to its end
+                # even after [DONE] (e2e is stamped at [DONE]): a response closed with unread bytes
+                # cannot go back to the keep-alive pool.
                 async for line in resp.aiter_lines():
-                    payload = dec.feed(line)
-                    if payload is not None:
-                        acc.feed(payload, perf())
-                        if acc.done:
-                            break
-                if not acc.done:
-                    payload = dec.flush()
-                    if payload is not None:
-                        acc.feed(payload, perf())
+                    if line:
+                        if line.startswith("data:"):
+                            v = line[5:]
+                            data.append(v[1:] if v.startswith(" ") else v)
+                        continue
+                    if data:
+                        payload = data[0] if len(data) == 1 else "\n".join(data)
+                        data = []
+                        if not acc.done:
+                            acc.feed(payload, perf())
+                if data and not acc.done:  # no blank line after the last event
+                    acc.feed("\n".join(data), perf())
                 return acc.finish()
     except asyncio.CancelledError:
         raise

@@ -122,7 +122,7 @@ class StreamAccumulator:
 
     def feed(self, payload: str, t: float) -> None:
         self.last_event_t = t
-        if payload.strip() == "[DONE]":
+        if payload[:1] != "{" and payload.strip() == "[DONE]":
             self.done = True
             return
         try:

@@ -1,11 +1,25 @@
-"""DbWriter: the request loop never touches SQLite. Producers (the runner, the telemetry sampler)
-enqueue rows; one thread owns a connection and commits whatever has accumulated in one transaction
-(`executemany` per run of same-shaped statements). `flush()` waits until everything queued before it
-is committed."""
+"""DbWriter: the request loop never touches SQLite.
+
+Producers (the runner, the telemetry sampler) append operations to a deque: lock-free, no thread
+wake-up per row. One thread owns a connection, wakes every `interval_s` (or when the backlog passes
+`max_batch`, or on flush/close) and commits whatever has accumulated in ONE transaction, coalescing
+same-shaped operations into multi-row statements:
+
+- `insert(table, row)`            → INSERT INTO t (…) VALUES (…),(…),…
+- `update(table, key, row)`       → WITH v(…) AS (VALUES …) UPDATE t SET … FROM v WHERE t.key = v.key
+                                    (the last update of a key in a batch wins)
+- `execute(sql, params)`          → as is; a barrier: nothing is reordered across it
+
+Why: per-row wake-ups and per-row `executemany` steps each hand the GIL between the writer thread and
+the event loop; on a CPU-bound loop every hand-off costs the loop a forced switch. Multi-row
+statements make that one hand-off per table per batch. `flush()` waits until everything queued
+before it is committed. A failing batch is replayed operation by operation so one bad row loses only
+itself (its error is kept and raised by flush/close).
+"""
 
 from __future__ import annotations
 
-import queue
+import collections
 import sqlite3
 import threading
 import time
@@ -14,8 +28,11 @@ from typing import Any, Callable, Optional, Sequence
 
 from kv_transition.db import connect
 
-_FLUSH = object()
-_STOP = object()
+_FLUSH = "flush"
+_STOP = "stop"
+_INS = "i"
+_UPD = "u"
+_SQL = "s"
 
 
 class WriterError(RuntimeError):
@@ -23,36 +40,40 @@ class WriterError(RuntimeError):
 
 
 class DbWriter:
-    def __init__(self, db_path: str | Path, *, max_batch: int = 2000,
+    def __init__(self, db_path: str | Path, *, max_batch: int = 5000, interval_s: float = 0.05,
                  connect_fn: Optional[Callable[[], sqlite3.Connection]] = None):
         self.db_path = Path(db_path)
         self.max_batch = max_batch
+        self.interval_s = interval_s
         self._connect = connect_fn or (lambda: connect(self.db_path))
-        self._q: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._q: "collections.deque[tuple[Any, ...]]" = collections.deque()
+        self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._closed = False
+        self._max_vars = 999
         self.errors: list[str] = []
         self.n_batches = 0
-        self.n_statements = 0
+        self.n_statements = 0   # operations committed (rows inserted/updated, statements executed)
+        self.n_sql = 0          # SQL statements actually run
         self.commit_s = 0.0
-        self._sql_cache: dict[tuple[str, tuple[str, ...], str], str] = {}
 
     # --- producers (any thread, never block) ---
     def insert(self, table: str, row: dict[str, Any], *, verb: str = "INSERT") -> None:
-        cols = tuple(row)
-        key = (table, cols, verb)
-        sql = self._sql_cache.get(key)
-        if sql is None:
-            sql = f"{verb} INTO {table} ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})"
-            self._sql_cache[key] = sql
-        self._q.put((sql, tuple(row.values())))
+        self._q.append((_INS, (table, tuple(row), verb), tuple(row.values())))
+        if len(self._q) > self.max_batch:
+            self._wake.set()
+
+    def update(self, table: str, key: str, row: dict[str, Any]) -> None:
+        """UPDATE table SET <row's other columns> WHERE key = row[key]."""
+        self._q.append((_UPD, (table, key, tuple(row)), tuple(row.values())))
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
-        self._q.put((sql, tuple(params)))
+        self._q.append((_SQL, sql, tuple(params)))
 
     def flush(self, timeout: Optional[float] = 60.0) -> None:
         ev = threading.Event()
-        self._q.put((_FLUSH, ev))
+        self._q.append((_FLUSH, ev, None))
+        self._wake.set()
         if self._thread is None:
             return
         if not ev.wait(timeout):
@@ -62,6 +83,10 @@ class DbWriter:
     def raise_errors(self) -> None:
         if self.errors:
             raise WriterError("DB writer failed: " + "; ".join(self.errors[:3]))
+
+    @property
+    def backlog(self) -> int:
+        return len(self._q)
 
     # --- lifecycle ---
     def start(self) -> "DbWriter":
@@ -76,7 +101,8 @@ class DbWriter:
         self._closed = True
         if self._thread is None:
             self.start()
-        self._q.put((_STOP, None))
+        self._q.append((_STOP, None, None))
+        self._wake.set()
         assert self._thread is not None
         self._thread.join(timeout)
         self.raise_errors()
@@ -91,71 +117,119 @@ class DbWriter:
     def _loop(self) -> None:
         conn = self._connect()
         try:
+            self._max_vars = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        except (AttributeError, sqlite3.Error):  # Python < 3.11
+            self._max_vars = 999
+        q = self._q
+        try:
             stop = False
             while not stop:
-                batch = [self._q.get()]
-                while len(batch) < self.max_batch:
-                    try:
-                        batch.append(self._q.get_nowait())
-                    except queue.Empty:
-                        break
-                waiters = []
-                stmts: list[tuple[str, tuple[Any, ...]]] = []
-                for sql, params in batch:
-                    if sql is _FLUSH:
-                        waiters.append(params)
-                    elif sql is _STOP:
-                        stop = True
-                    else:
-                        stmts.append((sql, params))
-                if stmts:
-                    self._commit(conn, stmts)
-                for ev in waiters:
-                    ev.set()
-            # drain anything that raced the stop marker
-            rest = []
-            while True:
-                try:
-                    item = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if item[0] is _FLUSH:
-                    item[1].set()
-                elif item[0] is not _STOP:
-                    rest.append(item)
+                # sleep a full interval even when rows are waiting: a busy producer then costs one
+                # commit per interval, not a commit loop fighting the event loop for the GIL.
+                # insert() past max_batch, flush() and close() cut the sleep short.
+                self._wake.wait(self.interval_s)
+                self._wake.clear()
+                todo = len(q)  # only what is here now: rows arriving meanwhile wait for the next wake
+                while todo > 0 and not stop:
+                    ops: list[tuple[Any, ...]] = []
+                    waiters = []
+                    while todo > 0 and len(ops) < self.max_batch:
+                        op = q.popleft()
+                        todo -= 1
+                        if op[0] is _FLUSH:
+                            waiters.append(op[1])
+                            break  # commit what came before the marker, then release the waiter
+                        if op[0] is _STOP:
+                            stop = True
+                            break
+                        ops.append(op)
+                    if ops:
+                        self._commit(conn, ops)
+                    for ev in waiters:
+                        ev.set()
+            rest = []  # anything that raced in after the stop marker still gets written
+            while q:
+                op = q.popleft()
+                if op[0] is _FLUSH:
+                    op[1].set()
+                elif op[0] is not _STOP:
+                    rest.append(op)
             if rest:
                 self._commit(conn, rest)
         finally:
             conn.close()
 
-    def _commit(self, conn: sqlite3.Connection, stmts: list[tuple[str, tuple[Any, ...]]]) -> None:
+    def _statements(self, ops: list[tuple[Any, ...]]) -> list[tuple[str, list[Any]]]:
+        """Coalesce: segments between _SQL barriers, same-shaped ops grouped (first-seen order)."""
+        out: list[tuple[str, list[Any]]] = []
+        groups: dict[tuple[str, Any], list[tuple[Any, ...]]] = {}
+
+        def emit_groups() -> None:
+            for (kind, shape), vals in groups.items():
+                if kind == _INS:
+                    out.extend(self._insert_sql(shape, vals))
+                else:
+                    out.extend(self._update_sql(shape, vals))
+            groups.clear()
+
+        for kind, shape, vals in ops:
+            if kind == _SQL:
+                emit_groups()
+                out.append((shape, list(vals)))
+            else:
+                groups.setdefault((kind, shape), []).append(vals)
+        emit_groups()
+        return out
+
+    def _chunks(self, rows: list[tuple[Any, ...]], ncols: int) -> list[list[tuple[Any, ...]]]:
+        per = max(1, min(500, self._max_vars // max(1, ncols)))
+        return [rows[i:i + per] for i in range(0, len(rows), per)]
+
+    def _insert_sql(self, shape: tuple[str, tuple[str, ...], str], rows: list[tuple[Any, ...]]) -> list[tuple[str, list[Any]]]:
+        table, cols, verb = shape
+        one = "(" + ",".join("?" * len(cols)) + ")"
+        head = f"{verb} INTO {table} ({','.join(cols)}) VALUES "
+        return [(head + ",".join([one] * len(ch)), [v for r in ch for v in r]) for ch in self._chunks(rows, len(cols))]
+
+    def _update_sql(self, shape: tuple[str, str, tuple[str, ...]], rows: list[tuple[Any, ...]]) -> list[tuple[str, list[Any]]]:
+        table, key, cols = shape
+        k = cols.index(key)
+        last = {r[k]: r for r in rows}  # the last update of a key wins
+        rows = list(last.values())
+        one = "(" + ",".join("?" * len(cols)) + ")"
+        sets = ",".join(f"{c}=v.{c}" for c in cols if c != key)
+        out = []
+        for ch in self._chunks(rows, len(cols)):
+            sql = (f"WITH v({','.join(cols)}) AS (VALUES {','.join([one] * len(ch))}) "
+                   f"UPDATE {table} SET {sets} FROM v WHERE {table}.{key} = v.{key}")
+            out.append((sql, [x for r in ch for x in r]))
+        return out
+
+    def _commit(self, conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
         t = time.perf_counter()
+        stmts = self._statements(ops)
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                i = 0
-                while i < len(stmts):
-                    sql = stmts[i][0]
-                    j = i
-                    while j < len(stmts) and stmts[j][0] == sql:
-                        j += 1
-                    conn.executemany(sql, [p for _, p in stmts[i:j]])
-                    i = j
+                for sql, params in stmts:
+                    conn.execute(sql, params)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
-        except sqlite3.Error as e:
-            # one bad row must not lose the batch: replay statement by statement, keep the error
-            self._replay(conn, stmts, e)
+            self.n_sql += len(stmts)
+        except sqlite3.Error:
+            self._replay(conn, ops)  # one bad row must not lose the batch
         self.n_batches += 1
-        self.n_statements += len(stmts)
+        self.n_statements += len(ops)
         self.commit_s += time.perf_counter() - t
 
-    def _replay(self, conn: sqlite3.Connection, stmts: list[tuple[str, tuple[Any, ...]]], first: Exception) -> None:
-        for sql, params in stmts:
-            try:
-                conn.execute(sql, params)
-            except sqlite3.Error as e:
-                if len(self.errors) < 100:
-                    self.errors.append(f"{e} in {sql[:80]}")
+    def _replay(self, conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
+        for op in ops:
+            for sql, params in self._statements([op]):
+                try:
+                    conn.execute(sql, params)
+                    self.n_sql += 1
+                except sqlite3.Error as e:
+                    if len(self.errors) < 100:
+                        self.errors.append(f"{e} in {sql[:80]}")
