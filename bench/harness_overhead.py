@@ -14,6 +14,22 @@ Reported per concurrency (median of the rounds): req/s of each, runner/raw, and 
 per request = 1/rps_runner − 1/rps_raw (client wall time per request; at c=1 this is the latency
 added per request, at c≥16 the client CPU is the bottleneck, so it is the CPU added per request), plus
 client CPU ms per request (process time, all threads). Goal: ≥ 95 % of raw at 64, < 1 ms/request.
+
+Last runs (NVIDIA H200 host via the device tool: 16 CPUs, Python 3.12.3, idle; loopback; medians of
+6 interleaved rounds; 2026-11-28):
+
+| concurrency | requests × rounds | raw httpx req/s | runner req/s | runner/raw | bookkeeping ms/req | client CPU ms/req raw → runner | writer batches |
+|---:|---:|---:|---:|---:|---:|---:|---:|
+| 1 | 1000 × 6 | 1012 | 833 | 82.4% | 0.212 | 0.978 → 1.204 | 23 for 3000 rows |
+| 16 | 3000 × 6 | 520 | 460 | 88.5% | 0.250 | 1.928 → 2.211 | 131 for 9000 rows |
+| 64 | 3000 × 6 | 258 | 232 | 89.9% | 0.433 | 3.880 → 4.390 | 290 for 9000 rows |
+
+Run to run on that host (same harness but for the writer's batching, 4 rounds each) runner/raw at 64
+was 93.7 % and 105.1 %, at 16 95.7 % and 93.8 %: the raw baseline itself moves ±10 % between runs.
+Bookkeeping stays at 0.1–0.45 ms/request (goal < 1 ms: met); ≥ 95 % at 64 is within noise but not
+reliably met. Note the ceiling is httpx itself: its pool costs ~1 ms CPU/request at c=1 and ~3.9 ms at
+c=64 on this stub; the runner adds SSE/JSON parsing of every chunk (~10 json.loads per response here),
+the latency math, and three rows per request handed to the writer thread.
 """
 
 from __future__ import annotations
@@ -180,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({
                     "concurrency": c, "requests": n, "rounds": a.rounds, "raw_rps": raw_rps, "runner_rps": run_rps,
                     "ratio": run_rps / raw_rps, "bookkeeping_ms_per_req": (1 / run_rps - 1 / raw_rps) * 1000,
+                    "best_ratio": min(raw_t) / min(run_t), "raw_rps_all": [n / t for t in raw_t],
+                    "runner_rps_all": [n / t for t in run_t],
                     "raw_cpu_ms_per_req": statistics.median(raw_cpu) / n * 1000,
                     "runner_cpu_ms_per_req": statistics.median(run_cpu) / n * 1000, "writer": wstats,
                 })
@@ -190,11 +208,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"host: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {N_TOKENS} SSE text chunks per response")
-    print("| concurrency | requests × rounds | raw httpx req/s | runner req/s | runner/raw | bookkeeping ms/req | client CPU ms/req raw → runner | writer batches |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| concurrency | requests × rounds | raw httpx req/s | runner req/s | runner/raw (median) | runner/raw (best of rounds) | bookkeeping ms/req | client CPU ms/req raw → runner | writer batches (last round) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['concurrency']} | {r['requests']} × {r['rounds']} | {r['raw_rps']:.0f} | {r['runner_rps']:.0f} | "
-              f"{r['ratio']:.1%} | {r['bookkeeping_ms_per_req']:.3f} | {r['raw_cpu_ms_per_req']:.3f} → "
+              f"{r['ratio']:.1%} | {r['best_ratio']:.1%} | {r['bookkeeping_ms_per_req']:.3f} | {r['raw_cpu_ms_per_req']:.3f} → "
               f"{r['runner_cpu_ms_per_req']:.3f} | {r['writer']['batches']} for {r['writer']['statements']} rows |")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
