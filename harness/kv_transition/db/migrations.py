@@ -239,3 +239,69 @@ MIGRATIONS.append(
         """,
     )
 )
+
+MIGRATIONS.append(
+    (
+        3,
+        "scoring and analysis: scores, analysis_bins, transitions",
+        """
+        CREATE TABLE scores (
+            request_id      INTEGER PRIMARY KEY REFERENCES requests(request_id),
+            cell_id         TEXT NOT NULL REFERENCES cells(cell_id),
+            example_id      TEXT NOT NULL,
+            repeat          INTEGER NOT NULL,
+            task            TEXT NOT NULL,
+            metric          TEXT NOT NULL,       -- eval.py metric name, or exact / contains_all
+            score           REAL NOT NULL,       -- in [0, 1]; LongBench tables show x100
+            flags_json      TEXT NOT NULL,       -- e.g. ["rouge_recursion_error"]
+            scorer_version  TEXT NOT NULL,       -- changes when the metric code changes
+            scored_at       TEXT NOT NULL
+        );
+        CREATE INDEX scores_cell ON scores(cell_id);
+        CREATE TABLE analysis_bins (
+            cell_id          TEXT NOT NULL REFERENCES cells(cell_id),
+            bin_id           INTEGER NOT NULL,
+            n                INTEGER NOT NULL,   -- examples (repeats averaged)
+            mean             REAL,
+            ci_lo            REAL,
+            ci_hi            REAL,
+            mean_tokens      REAL,
+            baseline_cell    TEXT,
+            n_paired         INTEGER,
+            baseline_mean    REAL,
+            rel              REAL,               -- mean(cell) / mean(baseline), paired by example
+            rel_ci_lo        REAL,
+            rel_ci_hi        REAL,
+            kv_tokens_before REAL,               -- means, from the engine's kv_press_applied
+            kv_tokens_after  REAL,
+            kv_bytes_after   REAL,
+            kv_saved_frac    REAL,               -- 1 - KV kept / baseline KV (bytes, else tokens)
+            peak_gpu_mem     REAL,               -- bytes, max over the bin's request window (NVML)
+            peak_kv_usage    REAL,               -- engine /metrics KV-usage gauge, max in the window
+            peak_rss         REAL,               -- bytes, engine process tree (CPU runs)
+            ttft_p50         REAL,
+            ttft_p90         REAL,
+            tpot_p50         REAL,
+            tpot_p90         REAL,
+            output_tok_s     REAL,               -- completion tokens / e2e seconds, summed over the bin
+            prefill_tok_s    REAL,               -- median of prompt tokens / TTFT
+            params_json      TEXT NOT NULL,      -- threshold, bootstrap, seed, scorer_version
+            computed_at      TEXT NOT NULL,
+            PRIMARY KEY (cell_id, bin_id)
+        );
+        CREATE TABLE transitions (
+            cell_id           TEXT PRIMARY KEY REFERENCES cells(cell_id),
+            baseline_cell     TEXT,
+            threshold         REAL NOT NULL,
+            bin_id            INTEGER,           -- NULL: no transition
+            tokens            REAL,              -- interpolated crossing length
+            max_tokens_tested INTEGER NOT NULL,
+            label             TEXT NOT NULL,
+            reason            TEXT NOT NULL,
+            inputs_json       TEXT NOT NULL,     -- the per-bin relative scores it was computed from
+            params_json       TEXT NOT NULL,
+            computed_at       TEXT NOT NULL
+        );
+        """,
+    )
+)
