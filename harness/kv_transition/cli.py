@@ -109,9 +109,116 @@ def cmd_datasets_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_db(paths: Any) -> None:
+    from kv_transition.errors import KvtError
+
+    if not paths.db.is_file():
+        raise KvtError(f"{paths.db}: no database for this experiment group (run `kvt prepare` / `kvt run` first)")
+
+
+def score_stage(paths: Any, *, force: bool = False, quiet: bool = False) -> Any:
+    from kv_transition.db import connect
+    from kv_transition.score.store import score_db
+    from kv_transition.ui import stage_progress
+
+    conn = connect(paths.db)
+    try:
+        with stage_progress(not quiet) as cb:
+            return score_db(conn, force=force, progress=cb)
+    finally:
+        conn.close()
+
+
+def analyze_stage(cfg: Any, paths: Any) -> Any:
+    from kv_transition.analysis.compute import analyze
+    from kv_transition.db import connect
+    from kv_transition.score.store import scorer_version
+
+    conn = connect(paths.db)
+    try:
+        return analyze(conn, threshold=cfg.analysis.threshold, n_boot=cfg.analysis.bootstrap, seed=cfg.analysis.seed,
+                       scorer_version=scorer_version())
+    finally:
+        conn.close()
+
+
+def report_stage(paths: Any) -> Any:
+    from kv_transition.db import connect
+    from kv_transition.report.build import summary_table, write_report
+    from kv_transition.report.data import load_report_data
+    from kv_transition.ui import console
+
+    conn = connect(paths.db)
+    try:
+        data = load_report_data(conn)
+    finally:
+        conn.close()
+    files = write_report(data, paths.report_dir)
+    console.print(summary_table(data))
+    console.print(f"report: {files.html}\n        {files.markdown}")
+    return files
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """Score every recorded response (official LongBench metrics / exact synthetic metrics)."""
+    cfg, paths = _load(args)
+    _require_db(paths)
+    from kv_transition.ui import console
+
+    rep = score_stage(paths, force=args.force, quiet=args.quiet)
+    console.print(f"scored {rep.scored} response(s), {rep.skipped} already scored by {rep.version}"
+                  + (f"; {rep.flagged} flagged (see scores.flags_json)" if rep.flagged else ""))
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    cfg, paths = _load(args)
+    _require_db(paths)
+    from kv_transition.ui import console
+
+    res = analyze_stage(cfg, paths)
+    for t in res.transitions:
+        console.print(f"{t['cell_id']}: {t['label']}  ({t['reason']})")
+    console.print(f"analyzed {len(res.bins)} cell x bin rows, {len(res.transitions)} transitions -> {paths.db}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    cfg, paths = _load(args)
+    _require_db(paths)
+    report_stage(paths)
+    return 0
+
+
+DEMO_METHODS: tuple[tuple[str, Optional[float]], ...] = (
+    ("full", None), ("snapkv", 0.5), ("streamingllm", 0.5), ("knorm", 0.5))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on the embedded default (grows with each stage)."""
-    return cmd_prepare(args)
+    """The main job on the embedded default: prepare → run full + 3 eviction methods on the kvpress
+    engine (local CPU process, tiny model) → score → analyze → report."""
+    cfg, paths = _load(args)
+    from kv_transition.cell import run_cell
+    from kv_transition.prepare import prepare
+    from kv_transition.ui import bins_table, console, stage_progress
+
+    with stage_progress(not args.quiet) as cb:
+        res = prepare(cfg, paths, cb)
+    console.print(bins_table(res.manifest))
+    failed = []
+    for method, ratio in DEMO_METHODS:
+        r = run_cell(cfg, paths, engine=cfg.engine.name, method=method, compression_ratio=ratio,
+                     progress=not args.quiet, console=console)
+        console.print(f"cell {r.cell_id}: {r.status}" + (f" ({r.reason})" if r.reason else ""))
+        if not r.ok:
+            failed.append(r.cell_id)
+    score_stage(paths, quiet=args.quiet)
+    analyze_stage(cfg, paths)
+    report_stage(paths)
+    if failed:
+        console.print(f"[red]{len(failed)} cell(s) did not complete[/red]: re-run `make demo` to finish them")
+        return 1
+    return 0
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
@@ -196,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sp = add("demo", cmd_demo, "the main job on the embedded default (offline, CPU)")
     sp.add_argument("-q", "--quiet", action="store_true")
+    sp = add("score", cmd_score, "score recorded responses (idempotent; re-scores after a metric change)")
+    sp.add_argument("--force", action="store_true", help="re-score everything")
+    sp.add_argument("-q", "--quiet", action="store_true")
+    add("analyze", cmd_analyze, "per cell x bin statistics vs the full-cache baseline, and transition lengths")
+    add("report", cmd_report, "write runs/<exp>/report/ (HTML, Markdown, PNG, CSV) and print the summary")
 
     sp = add("run", cmd_run, "run one cell: start the engine for one KV method, send the manifest, record everything")
     sp.add_argument("--engine", help="engine name (engines/<name>/engine.yaml; default: engine.name)")

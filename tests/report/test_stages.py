@@ -1,0 +1,100 @@
+"""score → analyze → report on a real prepared manifest with recorded responses written directly
+into the DB (two cells: a full-cache baseline that always answers, and a method that fails on the
+longest bin), through the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from kv_transition.cli import main
+from kv_transition.config import load_config, resolve_paths
+from kv_transition.db import connect, utcnow
+from kv_transition.prepare import prepare
+
+
+def _record_cell(conn: sqlite3.Connection, cell_id: str, method: str, dataset_id: str, answer_for) -> None:
+    now = utcnow()
+    conn.execute("INSERT INTO cells(cell_id, group_id, dataset_id, engine, method, compression_ratio, kv_scope, model_id,"
+                 " repeats, inputs_json, config_json, config_hash, spec_json, status, created_at, updated_at)"
+                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                 (cell_id, "rep", dataset_id, "kvpress", method, None if method == "full" else 0.5, "query_aware",
+                  "SmolLM2-135M-Instruct", 1, "{}", "{}", "h", "{}", "completed", now, now))
+    run_id = conn.execute("INSERT INTO runs(cell_id, runtime, config_hash, host, pid, harness_version, status, started_at)"
+                          " VALUES (?,?,?,?,?,?,?,?)", (cell_id, "process", "h", "h", 1, "0", "completed", now)).lastrowid
+    entries = conn.execute("SELECT m.example_id, m.bin_id, m.final_tokens, e.answers_json FROM manifest_entries m"
+                           " JOIN examples e USING(dataset_id, example_id) WHERE m.dataset_id=?", (dataset_id,)).fetchall()
+    for ex_id, bin_id, toks, answers in entries:
+        rid = conn.execute("INSERT INTO requests(cell_id, dataset_id, example_id, repeat, status, n_attempts, created_at,"
+                           " updated_at) VALUES (?,?,?,?,?,?,?,?)", (cell_id, dataset_id, ex_id, 0, "ok", 1, now, now)).lastrowid
+        text = answer_for(bin_id, json.loads(answers)[0])
+        kept = toks if method == "full" else toks // 2
+        kv = {"method": method, "kv_tokens_before": toks, "kv_tokens_after": kept, "kv_bytes_after": kept * 9216}
+        conn.execute("INSERT INTO responses(request_id, attempt_no, run_id, text, finish_reason, prompt_tokens,"
+                     " completion_tokens, total_tokens, ttft_s, tpot_s, e2e_s, itl_json, n_chunks, kv_applied_json,"
+                     " streamed, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                     (rid, 1, run_id, text, "stop", toks, 8, toks + 8, toks / 500, 0.08, toks / 500 + 0.6, "[]", 8,
+                      json.dumps(kv), 1, now))
+
+
+@pytest.fixture
+def recorded(small_synthetic: Path):
+    cfg = load_config(small_synthetic, ["dataset.synthetic.depths=[0.1, 0.3, 0.5, 0.7, 0.9]"])
+    paths = resolve_paths(cfg)
+    prepare(cfg, paths)
+    conn = connect(paths.db)
+    _record_cell(conn, "kvpress.full-aaaa", "full", paths.dataset_id, lambda b, a: f"The pass key is {a}.")
+    _record_cell(conn, "kvpress.snapkv.r0.5-bbbb", "snapkv", paths.dataset_id,
+                 lambda b, a: f"The pass key is {a}." if b < 2 else "I do not know.")
+    conn.close()
+    return cfg, paths, small_synthetic
+
+
+def test_score_analyze_report(recorded, capsys: pytest.CaptureFixture):
+    cfg, paths, cfg_file = recorded
+    c = ["-c", str(cfg_file), "-o", "dataset.synthetic.depths=[0.1, 0.3, 0.5, 0.7, 0.9]"]
+    assert main(["score", "-q", *c]) == 0
+    assert "scored 30 response(s)" in capsys.readouterr().out
+    assert main(["score", "-q", *c]) == 0  # idempotent: nothing new to score
+    assert "scored 0 response(s), 30 already scored" in capsys.readouterr().out
+    conn = connect(paths.db)
+    per = dict(conn.execute("SELECT cell_id, AVG(score) FROM scores GROUP BY cell_id").fetchall())
+    assert per == {"kvpress.full-aaaa": 1.0, "kvpress.snapkv.r0.5-bbbb": pytest.approx(10 / 15)}
+    assert {r[0] for r in conn.execute("SELECT DISTINCT metric FROM scores")} == {"exact"}
+    conn.close()
+
+    assert main(["analyze", *c]) == 0
+    out = capsys.readouterr().out
+    assert "kvpress.snapkv.r0.5-bbbb: ~" in out and "kvpress.full-aaaa: no transition" in out
+    conn = connect(paths.db)
+    t = conn.execute("SELECT bin_id, tokens, baseline_cell FROM transitions WHERE cell_id LIKE '%snapkv%'").fetchone()
+    assert t[0] == 2 and t[2] == "kvpress.full-aaaa"
+    lo, hi = conn.execute("SELECT mean_tokens FROM analysis_bins WHERE cell_id LIKE '%snapkv%' AND bin_id IN (1, 2)"
+                          " ORDER BY bin_id").fetchall()
+    assert lo[0] < t[1] <= hi[0]  # interpolated between the last good bin and the failing one
+    saved = conn.execute("SELECT kv_saved_frac FROM analysis_bins WHERE cell_id LIKE '%snapkv%'").fetchall()
+    assert all(0.45 < s[0] < 0.55 for s in saved)
+    conn.close()
+
+    assert main(["report", *c]) == 0
+    out = capsys.readouterr().out
+    assert "kept 900+" in out and "report:" in out
+    rep = paths.report_dir
+    names = {p.name for p in rep.iterdir()}
+    assert {"index.html", "report.md", "bins.csv", "transitions.csv", "score_vs_length.png",
+            "relative_vs_length.png", "memory_vs_accuracy.png", "latency_vs_length.png"} <= names
+    html = (rep / "index.html").read_text()
+    assert html.count("<img ") == 4 and "data:image/png;base64," in html and 'id="summary"' in html
+    rows = list(csv.DictReader((rep / "transitions.csv").open()))
+    assert {r["method"]: r["transition_bin"] for r in rows} == {"full": "", "snapkv": "2"}
+    md = (rep / "report.md").read_text()
+    assert "| kvpress/snapkv r=0.5 |" in md and "0%" in md
+
+
+def test_report_without_db_is_a_clear_error(small_synthetic: Path, capsys: pytest.CaptureFixture):
+    assert main(["report", "-c", str(small_synthetic)]) == 2
+    assert "no database for this experiment group" in capsys.readouterr().err
