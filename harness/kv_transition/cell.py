@@ -87,6 +87,32 @@ def cell_id_for(inputs: dict[str, Any]) -> str:
     return f"{inputs['engine']}.{inputs['method']}{knob}-{h}"
 
 
+def git_sha() -> Optional[str]:
+    """The harness's git commit (+ "-dirty" with uncommitted changes), $KVT_GIT_SHA (set in the harness
+    image), or None. Cached per process."""
+    global _GIT_SHA
+    if _GIT_SHA is None:
+        import subprocess
+        from pathlib import Path
+
+        sha = os.environ.get("KVT_GIT_SHA") or ""
+        if not sha:
+            root = Path(__file__).resolve().parents[2]
+            try:
+                sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                     timeout=5).stdout.strip()
+                if sha and subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                          capture_output=True, text=True, timeout=10).stdout.strip():
+                    sha += "-dirty"
+            except (OSError, subprocess.SubprocessError):
+                sha = ""
+        _GIT_SHA = sha
+    return _GIT_SHA or None
+
+
+_GIT_SHA: Optional[str] = None
+
+
 # --- request bodies -----------------------------------------------------------------------------
 
 def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
@@ -119,9 +145,12 @@ def request_body(entry: dict[str, Any], spec: ResolvedSpec, cfg: Config) -> dict
 
 def resolve_cell_spec(cfg: Config, *, engine: Optional[str] = None, method: Optional[str] = None,
                       compression_ratio: Optional[float] = None, budget: Optional[int] = None,
-                      runtime: Optional[str] = None, base_url: Optional[str] = None) -> tuple[ResolvedSpec, str, Optional[str]]:
+                      runtime: Optional[str] = None, base_url: Optional[str] = None,
+                      tensor_parallel: Optional[int] = None, digest: Optional[str] = None,
+                      ) -> tuple[ResolvedSpec, str, Optional[str]]:
     """→ (spec, runtime name, external base url). A method given here takes its ratio/budget from the
-    arguments only; otherwise kv.method/compression_ratio/budget come from the config."""
+    arguments only; otherwise kv.method/compression_ratio/budget come from the config.
+    `tensor_parallel` fills the engine's {tp}; `digest` pins the image (a lock file's sha256:…)."""
     from kv_transition.tokens import model_source
 
     rt = runtime or cfg.engine.runtime
@@ -146,6 +175,7 @@ def resolve_cell_spec(cfg: Config, *, engine: Optional[str] = None, method: Opti
         model_path=model_source(cfg.model) or cfg.model.id, served_model=cfg.model.id, host=host, port=port,
         gpus=cfg.engine.gpus, device=cfg.engine.device, dtype=cfg.engine.dtype, max_context=cfg.model.max_context,
         extra_args=cfg.engine.extra_args, env=cfg.engine.env, host_env=dict(os.environ), params=cfg.kv.params or None,
+        tensor_parallel=tensor_parallel or 1, digest=digest,
     )
     if cfg.engine.readiness_timeout_s:
         spec = dataclasses.replace(spec, readiness_timeout_s=cfg.engine.readiness_timeout_s)
@@ -179,9 +209,9 @@ def _prepare_rows(conn: Any, cfg: Config, spec: ResolvedSpec, cell_id: str, inpu
              dumps(spec.to_dict(mask=True)), len(entries) * repeats, now, now, now),
         )
         cur = conn.execute(
-            "INSERT INTO runs(cell_id, runtime, config_hash, host, pid, harness_version, status, started_at)"
-            " VALUES (?,?,?,?,?,?,'running',?)",
-            (cell_id, runtime, cfg_hash, socket.gethostname(), os.getpid(), __version__, now),
+            "INSERT INTO runs(cell_id, runtime, config_hash, host, pid, harness_version, git_sha, status, started_at)"
+            " VALUES (?,?,?,?,?,?,?,'running',?)",
+            (cell_id, runtime, cfg_hash, socket.gethostname(), os.getpid(), __version__, git_sha(), now),
         )
         run_id = int(cur.lastrowid)
         conn.executemany(
@@ -294,9 +324,13 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
              compression_ratio: Optional[float] = None, budget: Optional[int] = None,
              runtime: Optional[str] = None, base_url: Optional[str] = None,
              runtime_impl: Optional[Runtime] = None, progress: bool = False, console: Any = None,
-             transport: Optional[httpx.AsyncBaseTransport] = None, watchdog_interval_s: float = 0.5) -> CellResult:
+             transport: Optional[httpx.AsyncBaseTransport] = None, watchdog_interval_s: float = 0.5,
+             tensor_parallel: Optional[int] = None, digest: Optional[str] = None) -> CellResult:
+    """`runtime_impl` may be a runtime that lends an engine already running (the matrix runner's shared
+    request-mode engines): run_cell only calls its `running()` when there is something to send."""
     spec, rt_name, ext_url = resolve_cell_spec(cfg, engine=engine, method=method, compression_ratio=compression_ratio,
-                                               budget=budget, runtime=runtime, base_url=base_url)
+                                               budget=budget, runtime=runtime, base_url=base_url,
+                                               tensor_parallel=tensor_parallel, digest=digest)
     conn = connect(paths.db)
     try:
         manifest = from_db(conn, paths.dataset_id)

@@ -305,3 +305,68 @@ MIGRATIONS.append(
         """,
     )
 )
+
+MIGRATIONS.append(
+    (
+        4,
+        "matrix: matrix runs, their cells and engine loads; runs.git_sha",
+        """
+        ALTER TABLE runs ADD COLUMN git_sha TEXT;   -- harness commit (+ '-dirty'), or $KVT_GIT_SHA in images
+        CREATE TABLE matrix_runs (
+            matrix_run_id   INTEGER PRIMARY KEY AUTOINCREMENT,
+            group_id        TEXT NOT NULL,
+            matrix_name     TEXT NOT NULL,
+            matrix_path     TEXT,
+            matrix_sha256   TEXT,              -- of the matrix file's bytes
+            lock_json       TEXT,              -- the lock file used (image digests), if any
+            inventory_json  TEXT NOT NULL,     -- {"kind": "gpu"|"slot", "devices": [...]}
+            harness_version TEXT NOT NULL,
+            git_sha         TEXT,
+            host            TEXT NOT NULL,
+            pid             INTEGER NOT NULL,
+            status          TEXT NOT NULL,     -- running | completed | failed | interrupted
+            n_cells         INTEGER NOT NULL,
+            n_completed     INTEGER,
+            n_failed        INTEGER,           -- not completed (failed, incomplete, skipped)
+            started_at      TEXT NOT NULL,
+            finished_at     TEXT
+        );
+        CREATE TABLE matrix_cells (
+            matrix_run_id     INTEGER NOT NULL REFERENCES matrix_runs(matrix_run_id),
+            cell_id           TEXT NOT NULL,   -- cells.cell_id (absent there if the cell never started)
+            engine_group      TEXT NOT NULL,   -- cells of one request-mode group share one engine
+            model_id          TEXT NOT NULL,
+            engine            TEXT NOT NULL,
+            method            TEXT NOT NULL,
+            compression_ratio REAL,
+            budget            INTEGER,
+            gpus_json         TEXT NOT NULL,   -- GPU indices (or CPU slots) it ran on
+            port              INTEGER,
+            image_lock        TEXT,            -- the lock file's digest for its image (sha256:… | local:sha256:…)
+            status            TEXT NOT NULL,   -- completed | incomplete | failed | skipped
+            reason            TEXT,
+            started_at        TEXT,
+            finished_at       TEXT,
+            PRIMARY KEY (matrix_run_id, cell_id)
+        );
+        CREATE TABLE matrix_engines (           -- one row per engine load of a shared (request-mode) group
+            load_id        INTEGER PRIMARY KEY AUTOINCREMENT,
+            matrix_run_id  INTEGER NOT NULL REFERENCES matrix_runs(matrix_run_id),
+            engine_group   TEXT NOT NULL,
+            model_id       TEXT NOT NULL,
+            engine         TEXT NOT NULL,
+            runtime        TEXT NOT NULL,
+            gpus_json      TEXT NOT NULL,
+            port           INTEGER,
+            ident          TEXT,
+            image_digest   TEXT,
+            started_at     TEXT,
+            ready_at       TEXT,
+            stopped_at     TEXT,
+            exit_code      INTEGER,
+            error          TEXT
+        );
+        CREATE INDEX matrix_engines_run ON matrix_engines(matrix_run_id, engine_group);
+        """,
+    )
+)
