@@ -343,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     dl = dsub.add_parser("list", help="list the LongBench (+ LongBench-E) and synthetic tasks")
     dl.add_argument("--json", action="store_true")
     dl.set_defaults(func=cmd_datasets_list)
+
+    from kv_transition.matrix.cli import add_parsers as add_matrix_parsers  # kvt matrix …, kvt lock
+
+    add_matrix_parsers(sub, _config_args, _Parser)
     return p
 
 

@@ -1,0 +1,200 @@
+"""`kvt matrix plan|prepare|run` and `kvt lock` (registered by kv_transition.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from kv_transition.errors import KvtError
+
+
+def _lock_path(args: argparse.Namespace) -> Optional[Path]:
+    from kv_transition.matrix.lock import default_lock_path
+
+    if getattr(args, "lock", None):
+        p = Path(args.lock)
+        if not p.is_file():
+            raise KvtError(f"--lock {p}: lock file not found (run `kvt lock -m {args.matrix}`)")
+        return p
+    p = default_lock_path(args.matrix)
+    return p if p.is_file() else None
+
+
+def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Optional[Path], Optional[dict[str, Any]]]:
+    from kv_transition.config import load_config
+    from kv_transition.matrix import expand, load_matrix
+    from kv_transition.matrix.lock import read_lock
+
+    cfg = load_config(args.config, args.override)
+    matrix = load_matrix(args.matrix)
+    lp = _lock_path(args)
+    lock = read_lock(lp)
+    return cfg, matrix, expand(cfg, matrix, lock), lp, lock
+
+
+def _inventory(args: argparse.Namespace) -> Any:
+    from kv_transition.matrix.run import inventory
+
+    return inventory(gpus=args.gpus, slots=args.slots)
+
+
+def plan_dict(cfg: Any, exp: Any, inv: Any, lock_path: Optional[Path], n_requests: Optional[dict[str, int]] = None
+              ) -> dict[str, Any]:
+    """Every group with its planned GPUs/port and exact container spec, every cell. Starts nothing."""
+    from kv_transition.cell import resolve_cell_spec
+    from kv_transition.matrix.run import group_cfg, jobs_for, port_for
+    from kv_transition.matrix.schedule import makespan, simulate
+
+    jobs = jobs_for(exp, n_requests)
+    placements = {p.key: p for p in simulate(jobs, inv.devices)}
+    base = exp.matrix.base_port or cfg.engine.port
+    groups = []
+    for g in exp.groups:
+        p = placements[g.group_id]
+        port = port_for(base, inv, p.gpus)
+        c0 = g.cells[0]
+        spec, _, _ = resolve_cell_spec(group_cfg(c0, port, p.gpus, inv), engine=c0.engine, method=c0.method,
+                                       compression_ratio=c0.compression_ratio, budget=c0.budget,
+                                       tensor_parallel=g.tp, digest=c0.digest)
+        groups.append({
+            "group_id": g.group_id, "engine": g.engine, "model": g.model, "runtime": g.runtime, "tp": g.tp,
+            "shared_engine": g.shared, inv.kind + "s": list(p.gpus), "port": port, "planned_start": p.start,
+            "image_ref": spec.image_ref, "image_lock": c0.image_lock, "command": spec.command, "args": spec.args,
+            "env": spec.masked_env(), "docker_run": spec.docker_run() if g.runtime == "docker" else None,
+            "cells": [{"cell_id": c.cell_id, "method": c.method, "compression_ratio": c.compression_ratio,
+                       "budget": c.budget, "baseline": c.baseline,
+                       "request_extras": c.spec.request_extras if g.shared else None} for c in g.cells],
+        })
+    return {"matrix": exp.matrix.name, "group_id": cfg.experiment.group_id, "lock": str(lock_path) if lock_path else None,
+            "inventory": {"kind": inv.kind, "devices": list(inv.devices)}, "n_cells": len(exp.cells),
+            "n_excluded": exp.excluded, "n_groups": len(groups),
+            "engine_loads": len(groups), "planned_makespan_units": makespan(list(placements.values())),
+            "groups": groups}
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    cfg, matrix, exp, lp, _ = _setup(args)
+    inv = _inventory(args)
+    plan = plan_dict(cfg, exp, inv, lp)
+    if args.json:
+        print(json.dumps(plan, indent=2))
+        return 0
+    from rich.table import Table
+
+    from kv_transition.ui import console
+
+    kind = inv.kind
+    console.print(f"matrix [bold]{plan['matrix']}[/] on {kind}s {','.join(map(str, inv.devices))}: "
+                  f"{plan['n_cells']} cells ({plan['n_excluded']} excluded) in {plan['n_groups']} engine groups"
+                  f" · lock: {plan['lock'] or 'none (tags unpinned; `kvt lock`)'} · nothing started")
+    t = Table(show_lines=False)
+    for col in (kind + "s", "port", "group", "runtime", "tp", "cell", "method", "knob", "cell id"):
+        t.add_column(col)
+    for g in plan["groups"]:
+        for i, c in enumerate(g["cells"]):
+            knob = (f"r={c['compression_ratio']:g}" if c["compression_ratio"] is not None
+                    else f"b={c['budget']}" if c["budget"] is not None else "")
+            t.add_row(",".join(map(str, g[kind + "s"])) if i == 0 else "", str(g["port"]) if i == 0 else "",
+                      g["group_id"] if i == 0 else "", g["runtime"] if i == 0 else "", str(g["tp"]) if i == 0 else "",
+                      str(i + 1), c["method"] + (" [dim](baseline)[/]" if c["baseline"] else ""), knob, c["cell_id"])
+    console.print(t)
+    for g in plan["groups"]:
+        console.print(f"[bold]{g['group_id']}[/] ({g['image_ref']}" + (f", lock {g['image_lock']}" if g["image_lock"] else "")
+                      + ")")
+        line = g["docker_run"] or " ".join(g["command"] + g["args"])
+        console.print(f"  {line}", soft_wrap=True, highlight=False, markup=False)
+        if g["env"] and not g["docker_run"]:
+            console.print("  env: " + " ".join(f"{k}={v}" for k, v in sorted(g["env"].items())), highlight=False, markup=False)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    cfg, matrix, exp, lp, lock = _setup(args)
+    from kv_transition.matrix.run import Inventory, MatrixRunner
+    from kv_transition.ui import console
+
+    runner = MatrixRunner(cfg, exp, Inventory((0,), False), lock=lock, log=lambda s: console.print(s, markup=False))
+    done = runner.prepare()
+    console.print(f"manifests ready ({len(done)} prepared now) in {runner.paths.db}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg, matrix, exp, lp, lock = _setup(args)
+    from kv_transition.matrix.run import MatrixRunner
+    from kv_transition.ui import console
+
+    inv = _inventory(args)
+    live = console.is_terminal and not args.no_live
+    err = (lambda s: None) if live else (lambda s: print(s, file=sys.stderr, flush=True))
+    runner = MatrixRunner(cfg, exp, inv, lock=lock, live=live, console=console, log=err,
+                          matrix_path=str(args.matrix),
+                          matrix_sha256=hashlib.sha256(Path(args.matrix).read_bytes()).hexdigest())
+    runner.prepare()
+    runner.cleanup_stale()
+    summary = runner.run()
+    rows = [{"cell_id": o.cell.cell_id, "model": o.cell.model, "cell": o.cell.label, "gpus": list(o.gpus),
+             "status": o.status, "requests": f"{o.n_ok}/{o.n_requests}", "reason": o.reason} for o in summary.outcomes]
+    if args.json:
+        print(json.dumps({"matrix_run_id": summary.matrix_run_id, "status": summary.status, "wall_s": summary.wall_s,
+                          "counts": summary.counts(), "engine_loads": summary.engine_loads, "cells": rows}, indent=2))
+    else:
+        from rich.table import Table
+
+        t = Table(title=f"matrix {matrix.name}: {summary.status} in {summary.wall_s:.1f} s · "
+                        + " · ".join(f"{k} {v}" for k, v in sorted(summary.counts().items())))
+        for col in ("cell", "model", inv.kind + "s", "status", "requests", "reason"):
+            t.add_column(col)
+        for r in rows:
+            colour = {"completed": "green", "incomplete": "yellow"}.get(r["status"], "red")
+            t.add_row(r["cell"], r["model"], ",".join(map(str, r["gpus"])), f"[{colour}]{r['status']}[/]",
+                      r["requests"], (r["reason"] or "").splitlines()[0][:100] if r["reason"] else "")
+        console.print(t)
+    return 0 if summary.ok else 1
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    from kv_transition.matrix.lock import default_lock_path, make_lock, write_lock
+
+    lock = make_lock(args.matrix, registry=not args.no_registry)
+    out = write_lock(lock, args.output or default_lock_path(args.matrix))
+    for ref, e in lock["images"].items():
+        print(f"{ref} -> {e['digest']} ({e['source']})")
+    print(f"wrote {out}")
+    return 0
+
+
+def add_parsers(sub: Any, config_args: Callable[[argparse.ArgumentParser], None], parser_class: Any) -> None:
+    m = sub.add_parser("matrix", help="the engine × method × budget matrix (plan, prepare, run)")
+    msub = m.add_subparsers(dest="matrix_command", metavar="SUBCOMMAND", parser_class=parser_class)
+    msub.required = True
+
+    def common(sp: argparse.ArgumentParser, sched: bool = True) -> None:
+        config_args(sp)
+        sp.add_argument("-m", "--matrix", required=True, help="matrix file (config/matrix/*.yaml)")
+        sp.add_argument("--lock", help="lock file (default: <matrix>.lock.yaml next to the matrix, when present)")
+        if sched:
+            sp.add_argument("--gpus", help="GPU indices to use, e.g. 0,1,2,3 (default: every GPU NVML sees)")
+            sp.add_argument("--slots", type=int, help="no GPUs: N simulated slots (CPU engines in parallel)")
+        sp.add_argument("--json", action="store_true", help="JSON output")
+
+    sp = msub.add_parser("plan", help="dry run: every cell with its GPUs, engine group and exact container spec")
+    common(sp)
+    sp.set_defaults(func=cmd_plan)
+    sp = msub.add_parser("prepare", help="build every model's manifest the matrix needs (once)")
+    common(sp, sched=False)
+    sp.set_defaults(func=cmd_prepare)
+    sp = msub.add_parser("run", help="run the matrix: packed onto the GPUs/slots, resumable, continue on error")
+    common(sp)
+    sp.add_argument("--no-live", action="store_true", help="log lines instead of the live view")
+    sp.set_defaults(func=cmd_run)
+
+    lk = sub.add_parser("lock", help="resolve every image tag of a matrix to its digest into a lock file")
+    lk.add_argument("-m", "--matrix", required=True)
+    lk.add_argument("-o", "--output", help="lock file (default config/matrix/<name>.lock.yaml next to the matrix)")
+    lk.add_argument("--no-registry", action="store_true", help="skip the registry; local images only")
+    lk.set_defaults(func=cmd_lock)

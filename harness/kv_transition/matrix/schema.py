@@ -1,0 +1,185 @@
+"""The matrix file (`config/matrix/*.yaml`): models × engines × KV methods × ratios/budgets × repeats,
+with exclusions and per-engine/model overrides. Typed, unknown keys forbidden.
+
+    name: smoke
+    repeats: 1
+    models:                      # each entry is merged over the config's `model:` section
+      - {id: SmolLM2-135M-Instruct, tp: 1}
+    engines:
+      kvpress:
+        runtime: process         # default: the config's engine.runtime
+        compression_ratios: [0.5]           # default knobs for methods that take a ratio
+        methods: [full, snapkv, streamingllm, knorm]
+      vllm:
+        tp: 2
+        methods:
+          full: {}
+          fp8_e4m3: {}
+    exclude:
+      - {engine: kvpress, method: knorm, compression_ratio: 0.75}
+    overrides:
+      - match: {engine: vllm, model: meta-llama/Llama-3.1-70B-Instruct}
+        tp: 4
+        args: [--gpu-memory-utilization, "0.92"]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kv_transition.config.schema import SAFE_ID, TokenizerCfg
+from kv_transition.errors import ConfigError
+
+Runtime = Literal["docker", "process", "external"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Knobs(_Strict):
+    """Per-engine (or per-engine-and-model) settings that do not multiply cells."""
+
+    runtime: Optional[Runtime] = None
+    tp: Optional[int] = Field(default=None, ge=1, le=64)     # tensor-parallel size = GPUs per engine
+    args: list[str] = Field(default_factory=list)            # appended to engine.extra_args (enter the cell id)
+    env: dict[str, str] = Field(default_factory=dict)        # engine env (not in the cell id)
+    concurrency: Optional[int] = Field(default=None, ge=1)
+    device: Optional[Literal["cpu", "cuda", "auto"]] = None
+    dtype: Optional[str] = None
+    readiness_timeout_s: Optional[float] = Field(default=None, gt=0)
+
+
+class MethodEntry(_Strict):
+    compression_ratios: Optional[list[float]] = None  # None = the engine entry's list
+    budgets: Optional[list[int]] = None
+    params: dict[str, Any] = Field(default_factory=dict)  # kv.params for this method's cells
+
+    @field_validator("compression_ratios")
+    @classmethod
+    def _ratios(cls, v: Optional[list[float]]) -> Optional[list[float]]:
+        if v is not None and any(not 0.0 <= x < 1.0 for x in v):
+            raise ValueError("compression ratios must lie in [0, 1)")
+        return v
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+        if v is not None and any(x <= 0 for x in v):
+            raise ValueError("budgets must be positive token counts")
+        return v
+
+
+class EngineEntry(Knobs):
+    methods: Union[list[str], dict[str, Optional[MethodEntry]]]
+    compression_ratios: list[float] = Field(default_factory=list)
+    budgets: list[int] = Field(default_factory=list)
+
+    @field_validator("compression_ratios")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 <= x < 1.0 for x in v):
+            raise ValueError("compression ratios must lie in [0, 1)")
+        return v
+
+    def method_entries(self) -> list[tuple[str, MethodEntry]]:
+        if isinstance(self.methods, list):
+            return [(m, MethodEntry()) for m in self.methods]
+        return [(m, e or MethodEntry()) for m, e in self.methods.items()]
+
+
+class ModelEntry(_Strict):
+    """Merged over the config's `model:` section (a different tokenizer means a different manifest)."""
+
+    id: str
+    path: Optional[str] = None
+    revision: Optional[str] = None
+    max_context: Optional[int] = Field(default=None, gt=0)
+    chat_template: Optional[bool] = None
+    tokenizer: Optional[TokenizerCfg] = None
+    tp: Optional[int] = Field(default=None, ge=1, le=64)
+
+    def model_section(self) -> dict[str, Any]:
+        d = self.model_dump(mode="json", exclude={"tp"}, exclude_none=True)
+        return d
+
+
+Sel = Union[str, list[str], None]
+
+
+class Match(_Strict):
+    model: Sel = None
+    engine: Sel = None
+    method: Sel = None
+    compression_ratio: Union[float, list[float], None] = None
+    budget: Union[int, list[int], None] = None
+
+    def matches(self, model: str, engine: str, method: Optional[str] = None,
+                compression_ratio: Optional[float] = None, budget: Optional[int] = None) -> bool:
+        def ok(sel: Any, val: Any) -> bool:
+            if sel is None:
+                return True
+            return val in sel if isinstance(sel, list) else val == sel
+
+        return (ok(self.model, model) and ok(self.engine, engine) and (method is None or ok(self.method, method))
+                and ok(self.compression_ratio, compression_ratio) and ok(self.budget, budget))
+
+
+class Override(Knobs):
+    match: Match
+
+
+class MatrixFile(_Strict):
+    name: str
+    description: str = ""
+    repeats: Optional[int] = Field(default=None, ge=1)   # None = the config's decoding.repeats
+    base_port: Optional[int] = Field(default=None, gt=0, lt=65536)  # None = the config's engine.port
+    models: list[ModelEntry] = Field(default_factory=list)  # empty = the config's model
+    engines: dict[str, EngineEntry]
+    exclude: list[Match] = Field(default_factory=list)
+    overrides: list[Override] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _safe(cls, v: str) -> str:
+        if not SAFE_ID.match(v):
+            raise ValueError(f"{v!r} is not a safe identifier")
+        return v
+
+    @model_validator(mode="after")
+    def _nonempty(self) -> "MatrixFile":
+        if not self.engines:
+            raise ValueError("engines: at least one engine")
+        ids = [m.id for m in self.models]
+        if len(set(ids)) != len(ids):
+            raise ValueError("models: duplicate model id")
+        return self
+
+
+def load_matrix(path: str | Path) -> MatrixFile:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: matrix file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    data.setdefault("name", p.name.split(".")[0])
+    import os
+
+    from kv_transition.config.loader import interpolate
+
+    data = interpolate(data, dict(os.environ), "", str(p))  # ${VAR} / ${VAR:-default}, as in configs
+    try:
+        return MatrixFile.model_validate(data)
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].replace("Value error, ", "")
+        raise ConfigError(f"{p}: {loc or '<root>'}: {msg}") from None

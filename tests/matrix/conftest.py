@@ -1,0 +1,103 @@
+"""Matrix fixtures: an engines dir with two TEST DOUBLE engines (tests/fakes/fake_openai_server.py) —
+`fakekv` (request mode, like kvpress) and `fakesrv` (server mode, like vLLM) — selected through
+KVT_ENGINES_DIR, and a throwaway experiment with a hand-made manifest already in its DB."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.fakes.fake_engine import FAKE_SERVER
+
+FAKEKV = f"""
+name: fakekv
+image: kvt-test-engine
+tag: latest
+command: ["python", "-u", "{FAKE_SERVER}"]
+args: ["--host", "{{host}}", "--port", "{{port}}", "--model", "{{served_model}}"]
+health: {{path: /health, readiness_timeout_s: 20, interval_s: 0.05}}
+metrics: {{path: /metrics, kv_usage: ["vllm:kv_cache_usage_perc"]}}
+concurrency: 4
+gpu: true
+method_mode: request
+methods:
+  full: {{request: {{kv_press: {{method: full}}}}, baseline: true}}
+  snapkv: {{request: {{kv_press: {{method: snapkv}}}}, supports: [compression_ratio, budget]}}
+  streamingllm: {{request: {{kv_press: {{method: streamingllm}}}}, supports: [compression_ratio, budget]}}
+  knorm: {{request: {{kv_press: {{method: knorm}}}}, supports: [compression_ratio, budget]}}
+"""
+
+FAKESRV = f"""
+name: fakesrv
+image: kvt-test-engine
+tag: latest
+command: ["python", "-u", "{FAKE_SERVER}"]
+args: ["--host", "{{host}}", "--port", "{{port}}", "--model", "{{served_model}}"]
+health: {{path: /health, readiness_timeout_s: 20, interval_s: 0.05}}
+metrics: {{path: /metrics, kv_usage: ["vllm:kv_cache_usage_perc"]}}
+concurrency: 4
+gpu: true
+method_mode: server
+methods:
+  full: {{baseline: true}}
+  fp8: {{args: ["--reply", "The quick brown fox"]}}
+  int4: {{args: ["--reply", "The quick"]}}
+"""
+
+
+@pytest.fixture
+def engines_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "engines"
+    for name, text in (("fakekv", FAKEKV), ("fakesrv", FAKESRV)):
+        (root / name).mkdir(parents=True)
+        (root / name / "engine.yaml").write_text(text)
+    monkeypatch.setenv("KVT_ENGINES_DIR", str(root))
+    monkeypatch.setenv("KVT_STATE_DIR", str(tmp_path / "state"))  # process registry of this test only
+    return root
+
+
+def base_config(tmp_path: Path, group: str = "mx", **sections: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "experiment": {"group_id": group}, "dataset": {"id": "fakeds"},
+        "model": {"id": "fake-model", "path": "/nonexistent/model"},
+        "engine": {"name": "fakekv", "runtime": "process", "device": "cpu", "port": 18400},
+        "decoding": {"retry_backoff_s": 0.01, "retry_backoff_max_s": 0.05, "max_retries": 2, "request_timeout_s": 10},
+        "telemetry": {"interval_s": 0.1, "nvml": False},
+        "output": {"runs_root": str(tmp_path / "runs"), "data_root": str(tmp_path / "data")},
+    }
+    for k, v in sections.items():
+        raw[k] = {**raw.get(k, {}), **v}
+    return raw
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def experiment(tmp_path: Path, engines_dir: Path):
+    """make(n_entries, matrix dict, **config sections) → (config path, matrix path, cfg, paths)."""
+    from kv_transition.config import load_config, resolve_paths
+    from kv_transition.db import connect
+    from kv_transition.manifest import write_db
+    from kv_transition.prepare import record_experiment
+    from tests.runner.conftest import make_manifest
+
+    def make(n: int, matrix: dict[str, Any], **sections: Any):
+        cpath = write_yaml(tmp_path / "config.yaml", base_config(tmp_path, **sections))
+        mpath = write_yaml(tmp_path / "matrix" / f"{matrix['name']}.yaml", matrix)
+        cfg = load_config(cpath, env=dict(os.environ))
+        paths = resolve_paths(cfg, cwd=tmp_path)
+        conn = connect(paths.db)
+        record_experiment(conn, cfg)
+        write_db(conn, make_manifest(paths.dataset_id, n), paths.manifest, cfg.experiment.group_id)
+        conn.close()
+        return cpath, mpath, cfg, paths
+
+    return make
