@@ -328,17 +328,19 @@ def create_app(cfg: EngineConfig) -> tuple[FastAPI, State]:
             return StreamingResponse(
                 _stream(job, kind, rid, created, include_usage), media_type="text/event-stream"
             )
-        text_parts: list[str] = []
-        while True:
-            ev = await job.events.get()
-            if ev[0] == "delta":
-                text_parts.append(ev[1])
-            elif ev[0] == "error":
-                _, status, message, param, code = ev
-                return err(status, message, "internal_error" if status >= 500 else "invalid_request_error", param, code)
-            else:
-                res = ev[1]
-                break
+        try:
+            while True:
+                ev = await job.events.get()
+                if ev[0] == "error":
+                    _, status, message, param, code = ev
+                    kind_ = "internal_error" if status >= 500 else "invalid_request_error"
+                    return err(status, message, kind_, param, code)
+                if ev[0] == "done":
+                    res = ev[1]
+                    break
+        except asyncio.CancelledError:  # the client went away: stop generating for it
+            job.cancel.set()
+            raise
         usage = _usage(res)
         if kind == "completion":
             body = {
