@@ -82,22 +82,35 @@ def write_yaml(path: Path, data: dict[str, Any]) -> Path:
 
 @pytest.fixture
 def experiment(tmp_path: Path, engines_dir: Path):
-    """make(n_entries, matrix dict, **config sections) → (config path, matrix path, cfg, paths)."""
+    """make(n_entries, matrix dict, root=tmp_path, **config sections) → (config path, matrix path, cfg, paths)."""
     from kv_transition.config import load_config, resolve_paths
     from kv_transition.db import connect
     from kv_transition.manifest import write_db
     from kv_transition.prepare import record_experiment
-    from tests.runner.conftest import make_manifest
-
-    def make(n: int, matrix: dict[str, Any], **sections: Any):
-        cpath = write_yaml(tmp_path / "config.yaml", base_config(tmp_path, **sections))
-        mpath = write_yaml(tmp_path / "matrix" / f"{matrix['name']}.yaml", matrix)
+    def make(n: int, matrix: dict[str, Any], root: Path = tmp_path, **sections: Any):
+        cpath = write_yaml(root / "config.yaml", base_config(root, **sections))
+        mpath = write_yaml(root / "matrix" / f"{matrix['name']}.yaml", matrix)
         cfg = load_config(cpath, env=dict(os.environ))
-        paths = resolve_paths(cfg, cwd=tmp_path)
+        paths = resolve_paths(cfg, cwd=root)
         conn = connect(paths.db)
         record_experiment(conn, cfg)
-        write_db(conn, make_manifest(paths.dataset_id, n), paths.manifest, cfg.experiment.group_id)
+        write_db(conn, scorable_manifest(paths.dataset_id, n), paths.manifest, cfg.experiment.group_id)
         conn.close()
         return cpath, mpath, cfg, paths
 
     return make
+
+
+def scorable_manifest(dataset_id: str, n: int) -> dict[str, Any]:
+    """tests/runner's hand-made manifest, scorable: synthetic passkey examples whose answer is the fake's
+    deterministic reply ("The quick brown fox", 4 tokens) for even examples and something else for odd."""
+    from kv_transition.datasets.synthetic import SYNTHETIC_METRICS
+    from kv_transition.manifest import seal
+    from tests.runner.conftest import make_manifest
+
+    m = make_manifest(dataset_id, n)
+    m.pop("content_hash", None)
+    for i, ex in enumerate(m["examples"]):
+        ex["answers"] = ["The quick brown fox" if i % 2 == 0 else "lazy dog"]
+        ex["meta"] = {"task": "passkey", "source": "synthetic", "metric": SYNTHETIC_METRICS["passkey"]}
+    return seal(m)
