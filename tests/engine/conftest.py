@@ -37,6 +37,19 @@ def engine_env() -> dict[str, str]:
     return env
 
 
+def _engine_preexec() -> None:
+    # its own process group (we end exactly what we started), and on Linux a SIGTERM when pytest dies,
+    # so a killed test run (timeout, Ctrl-C twice) leaves no server behind
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
 def start_engine(args: list[str], log_path: Path) -> subprocess.Popen:
     log = open(log_path, "wb")
     return subprocess.Popen(
@@ -44,7 +57,7 @@ def start_engine(args: list[str], log_path: Path) -> subprocess.Popen:
         env=engine_env(),
         stdout=log,
         stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: we end exactly what we started
+        preexec_fn=_engine_preexec,
     )
 
 
