@@ -87,7 +87,7 @@ def default_cache_root(cache_dir: str | None) -> Path:
 def _source_stamp(src: ModelSource) -> dict[str, Any]:
     assert src.gguf_path is not None
     st = src.gguf_path.stat()
-    return {"gguf": str(src.gguf_path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "format": 1}
+    return {"gguf": str(src.gguf_path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "format": 2}
 
 
 STAMP_FILE = "kvt-source.json"
@@ -235,7 +235,12 @@ def load(
     with torch.device("meta"):
         check_model_structure(AutoModelForCausalLM.from_config(config))
 
-    tokenizer = AutoTokenizer.from_pretrained(read_dir, **kw)
+    if gguf:
+        from kvpress_engine.gguf_tokenizer import load_gguf_tokenizer
+
+        tokenizer = load_gguf_tokenizer(Path(read_dir), gguf)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(read_dir)
     if gguf:
         # a GGUF is dequantized to float32; save that once so later starts read safetensors (< 1 s)
         model = AutoModelForCausalLM.from_pretrained(read_dir, dtype=torch.float32, **kw)
