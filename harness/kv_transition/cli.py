@@ -190,36 +190,30 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_METHODS: tuple[tuple[str, Optional[float]], ...] = (
-    ("full", None), ("snapkv", 0.5), ("streamingllm", 0.5), ("knorm", 0.5))
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on the embedded default: prepare → run full + 3 eviction methods on the kvpress
-    engine (local CPU process, tiny model) → score → analyze → report."""
+    """The main job on the embedded default: prepare → the config's matrix (matrix.file; the default is
+    full + 3 eviction presses on ONE kvpress engine, a local CPU process on the tiny model) → score →
+    analyze → report. Re-running resumes: completed cells and requests are not sent again."""
     cfg, paths = _load(args)
-    from kv_transition.cell import run_cell
+    from kv_transition.matrix.cli import cmd_run as matrix_run
     from kv_transition.prepare import prepare
     from kv_transition.ui import bins_table, console, stage_progress
 
+    if not cfg.matrix.file:
+        from kv_transition.errors import ConfigError
+
+        raise ConfigError(f"{args.config}: matrix.file: the demo needs a matrix file (e.g. config/matrix/smoke.yaml)")
     with stage_progress(not args.quiet) as cb:
         res = prepare(cfg, paths, cb)
     console.print(bins_table(res.manifest))
-    failed = []
-    for method, ratio in DEMO_METHODS:
-        r = run_cell(cfg, paths, engine=cfg.engine.name, method=method, compression_ratio=ratio,
-                     progress=not args.quiet, console=console)
-        console.print(f"cell {r.cell_id}: {r.status}" + (f" ({r.reason})" if r.reason else ""))
-        if not r.ok:
-            failed.append(r.cell_id)
+    rc = matrix_run(argparse.Namespace(config=args.config, override=args.override, matrix=cfg.matrix.file, lock=None,
+                                       gpus=None, slots=1, json=False, no_live=args.quiet))
     score_stage(paths, quiet=args.quiet)
     analyze_stage(cfg, paths)
     report_stage(paths)
-    if failed:
-        console.print(f"[red]{len(failed)} cell(s) did not complete[/red]: re-run `make demo` to finish them")
-        return 1
-    return 0
-
+    if rc:
+        console.print("[red]some cells did not complete[/red]: re-run `make demo` to finish them (it resumes)")
+    return rc
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     """Remove leftover engine containers (by label) and engine process groups (pidfile registry)."""

@@ -9,8 +9,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console()
-err_console = Console(stderr=True)
+def _console(stderr: bool = False) -> Console:
+    c = Console(stderr=stderr)
+    # piped / CI output: rich defaults to 80 columns, which wraps the report tables; use 120
+    return c if c.is_terminal else Console(stderr=stderr, width=120)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 
 @contextmanager

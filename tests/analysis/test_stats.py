@@ -70,3 +70,11 @@ def test_zero_baseline_gives_no_relative_score():
     st = [x for x in bin_stats(base + meth, {"m": "full"}) if x.cell_id == "m"]
     assert st[0].rel is None
     assert find_transition(st).reason == "no paired baseline scores"
+
+
+def test_failing_from_the_shortest_bin_says_so():
+    base = _rows("full", {0: 1.0, 1: 1.0})
+    meth = _rows("m", {0: 0.0, 1: 0.0})
+    st = [s for s in bin_stats(base + meth, {"m": "full"}, n_boot=200) if s.cell_id == "m"]
+    t = find_transition(st)
+    assert t.bin_id == 0 and t.tokens == 1000 and t.label == "≤ ~1,000 tokens (shortest bin)"

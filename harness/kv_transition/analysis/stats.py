@@ -55,7 +55,11 @@ class Transition:
     def label(self) -> str:
         if self.bin_id is None:
             return f"no transition up to {self.max_tokens_tested:,} tokens"
-        return f"~{self.tokens:,.0f} tokens" if self.tokens is not None else f"bin {self.bin_id}"
+        if self.tokens is None:
+            return f"bin {self.bin_id}"
+        if self.reason.startswith("shortest bin"):
+            return f"≤ ~{self.tokens:,.0f} tokens (shortest bin)"
+        return f"~{self.tokens:,.0f} tokens"
 
 
 def bootstrap_mean_ci(values: Sequence[float], n_boot: int, seed: int, alpha: float = 0.05) -> tuple[float, float]:
@@ -144,13 +148,15 @@ def find_transition(stats: Sequence[BinStat], threshold: float = 0.95, max_token
         assert s.rel is not None
         below = s.rel < threshold and s.rel_ci_hi is not None and s.rel_ci_hi < 1.0
         if below:
+            first = s is ss[0]
             if prev is None or prev.rel is None or prev.rel == s.rel:
                 tok = s.mean_tokens
             else:
                 f = (prev.rel - threshold) / (prev.rel - s.rel)
                 tok = prev.mean_tokens + max(0.0, min(1.0, f)) * (s.mean_tokens - prev.mean_tokens)
+            why = f"relative score {s.rel:.3f} < {threshold} (95% CI upper {s.rel_ci_hi:.3f} < 1)"
             return Transition(cell, threshold, s.bin_id, float(tok), top,
-                              f"relative score {s.rel:.3f} < {threshold} (95% CI upper {s.rel_ci_hi:.3f} < 1)", inputs)
+                              ("shortest bin already below: " if first else "") + why, inputs)
         if s.rel >= threshold:
             prev = s
     return Transition(cell, threshold, None, None, top, "every bin at or above the threshold (or CI includes 1)", inputs)
