@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -116,8 +117,6 @@ def build_manifest(
 
 def record_experiment(conn: Any, cfg: Config) -> None:
     cfg_json = dumps(cfg.model_dump(mode="json"))
-    import hashlib
-
     h = "sha256:" + hashlib.sha256(cfg_json.encode()).hexdigest()
     now = utcnow()
     with transaction(conn):

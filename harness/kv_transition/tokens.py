@@ -275,10 +275,6 @@ def load_tokenizer(cfg: TokenizerCfg, cache_root: Path) -> Tokenizer:
     return _load_hf_dir(path, cfg.name, cfg.revision or "local", "hf")
 
 
-def tokenizer_for_model_cfg(model_cfg: Any, cache_root: Path) -> Tokenizer:
-    return load_tokenizer(model_cfg.tokenizer, cache_root)
-
-
 def model_source(model_cfg: Any) -> Optional[str]:
     """What an engine should load when model.path is null: the tokenizer's own source."""
     if model_cfg.path:

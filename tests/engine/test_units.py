@@ -20,7 +20,7 @@ from kvpress_engine.methods import (
 from kvpress_engine.metrics import KV_USAGE_GAUGE, engine_metrics
 from kvpress_engine.protocol import ChatRequest, CompletionRequest
 
-from .conftest import ENGINE_DIR, engine_env
+from .conftest import engine_env
 
 # ---------------------------------------------------------------------------------------------------- imports
 

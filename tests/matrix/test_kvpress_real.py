@@ -4,7 +4,6 @@ one engine load serves all four."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 

@@ -4,7 +4,6 @@ plan/run use the lock; the docker path of a matrix through the real daemon with 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,7 +14,6 @@ import yaml
 from kv_transition.cli import main
 from kv_transition.matrix.lock import LockError, resolve_image
 from tests.fakes.docker_fixtures import docker_client, test_image  # noqa: F401 - fixtures
-from tests.fakes.fake_engine import SERVER_IN_IMAGE
 
 from .conftest import write_yaml
 
@@ -48,21 +46,21 @@ def test_resolution_order() -> None:
         resolve_image(SimpleNamespace(images=FakeImages(off, None)), "nope:1")
 
 
-DOCKER_ENGINE = f"""
+DOCKER_ENGINE = """
 name: fakedock
 image: kvt-test-engine
 tag: latest
-args: ["--host", "{{host}}", "--port", "{{port}}", "--model", "{{served_model}}"]
-health: {{path: /health, readiness_timeout_s: 30, interval_s: 0.1}}
-metrics: {{path: /metrics, kv_usage: ["vllm:kv_cache_usage_perc"]}}
+args: ["--host", "{host}", "--port", "{port}", "--model", "{served_model}"]
+health: {path: /health, readiness_timeout_s: 30, interval_s: 0.1}
+metrics: {path: /metrics, kv_usage: ["vllm:kv_cache_usage_perc"]}
 concurrency: 4
 gpu: true
 ipc_mode: null
 shm_size: 64m
 method_mode: request
 methods:
-  full: {{request: {{kv_press: {{method: full}}}}, baseline: true}}
-  snapkv: {{request: {{kv_press: {{method: snapkv}}}}, supports: [compression_ratio]}}
+  full: {request: {kv_press: {method: full}}, baseline: true}
+  snapkv: {request: {kv_press: {method: snapkv}}, supports: [compression_ratio]}
 """
 
 

@@ -4,7 +4,6 @@ server as the engine (fast); continue on error; resume; SIGKILL of the harness m
 from __future__ import annotations
 
 import csv
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import pytest
 
 from kv_transition.db import connect, rows
 from kv_transition.matrix import expand, load_matrix

@@ -3,7 +3,6 @@ child process behind a minimal in-test Runtime, and a throwaway DB with a hand-m
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading

@@ -281,7 +281,7 @@ def test_docker_create_kwargs_gpus_ipc_shm_env_labels():
 
     rt = DockerRuntime(client=object())
     lbl = full_labels({"group": "g", "cell": "c", "org.example/x": "1", "kv-transition.extra": "y"})
-    from kv_transition.runtime.base import HARNESS_LABEL, harness_alive
+    from kv_transition.runtime.base import HARNESS_LABEL
 
     assert lbl.pop(HARNESS_LABEL).split(":")[1] == str(os.getpid())
     assert lbl == {OWNER_LABEL: "kv-transition", GROUP_LABEL: "g", CELL_LABEL: "c",

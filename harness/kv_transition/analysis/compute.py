@@ -56,13 +56,13 @@ def _ts(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
-def load_score_rows(conn: sqlite3.Connection) -> tuple[list[ScoreRow], dict[str, Any]]:
+def load_score_rows(conn: sqlite3.Connection) -> list[ScoreRow]:
     q = conn.execute(
         """SELECT s.cell_id, s.example_id, s.score, m.bin_id, m.final_tokens
            FROM scores s JOIN requests r USING (request_id)
            JOIN manifest_entries m ON m.dataset_id = r.dataset_id AND m.example_id = r.example_id""").fetchall()
     return [ScoreRow(r["cell_id"], r["example_id"], int(r["bin_id"]), float(r["score"]), int(r["final_tokens"]))
-            for r in q], {}
+            for r in q]
 
 
 def _resource_stats(conn: sqlite3.Connection, cell_id: str) -> dict[int, dict[str, Optional[float]]]:
@@ -125,14 +125,16 @@ def analyze(conn: sqlite3.Connection, *, threshold: float = 0.95, n_boot: int = 
             scorer_version: str = "") -> AnalysisResult:
     cells = rows(conn, "SELECT * FROM cells ORDER BY cell_id")
     base_of = baselines(cells)
-    score_rows, _ = load_score_rows(conn)
+    score_rows = load_score_rows(conn)
     stats = bin_stats(score_rows, base_of, n_boot=n_boot, seed=seed)
     params = {"threshold": threshold, "bootstrap": n_boot, "seed": seed, "scorer_version": scorer_version}
     now = utcnow()
     by_cell: dict[str, list[BinStat]] = defaultdict(list)
     for s in stats:
         by_cell[s.cell_id].append(s)
-    max_tok = {c: max((r.tokens for r in score_rows if r.cell_id == c), default=0) for c in by_cell}
+    max_tok: dict[str, int] = defaultdict(int)
+    for r in score_rows:
+        max_tok[r.cell_id] = max(max_tok[r.cell_id], r.tokens)
     bin_rows: list[dict[str, Any]] = []
     res_cache = {c: _resource_stats(conn, c) for c in by_cell}
     for s in stats:

@@ -36,7 +36,7 @@ def load_examples(dataset_cfg: Any, data_root: Path, count_tokens: Callable[[str
 def list_tasks() -> list[dict[str, Any]]:
     """One row per known task, for `kvt datasets list`."""
     from kv_transition.datasets.longbench import TASKS
-    from kv_transition.datasets.synthetic import SYNTHETIC_MAXLEN, SYNTHETIC_METRICS, SYNTHETIC_TASKS
+    from kv_transition.datasets.synthetic import SYNTHETIC_METRICS, SYNTHETIC_TASKS
 
     rows: list[dict[str, Any]] = []
     for name, info in TASKS.items():

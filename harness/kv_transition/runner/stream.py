@@ -12,7 +12,7 @@ Definitions (vLLM's benchmark_serving):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 KV_APPLIED_FIELD = "kv_press_applied"

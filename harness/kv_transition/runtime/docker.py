@@ -145,7 +145,7 @@ class DockerRuntime(Runtime):
     # ---- images
     def ensure_image(self, spec: ResolvedSpec) -> Any:
         """The image object for spec.image_ref: local, else built (spec.build) or pulled (with progress)."""
-        from docker.errors import APIError, BuildError, ImageNotFound
+        from docker.errors import APIError, ImageNotFound
 
         ref = spec.image_ref
         try:
