@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from typing import Callable, Optional
 from urllib.parse import urlsplit
@@ -15,10 +16,23 @@ from kv_transition.runtime.base import EngineStartError
 AliveFn = Callable[[], Optional[int]]
 
 
+_SSL_CTX: Optional[ssl.SSLContext] = None
+
+
+def _ssl_context() -> ssl.SSLContext:
+    """One TLS context per process. A bare httpx.get builds a new one (loading the CA bundle) per call:
+    ~28 ms of CPU per probe, i.e. ~1 s of CPU per cell for a 2 s start at a 0.05 s poll interval, and the
+    external runtime's watchdog probes every 0.5 s."""
+    global _SSL_CTX
+    if _SSL_CTX is None:
+        _SSL_CTX = httpx.create_ssl_context()
+    return _SSL_CTX
+
+
 def probe(url: str, timeout_s: float = 2.0) -> tuple[bool, str]:
     """One health GET: (ok, short reason)."""
     try:
-        r = httpx.get(url, timeout=timeout_s)
+        r = httpx.get(url, timeout=timeout_s, verify=_ssl_context())
     except httpx.HTTPError as e:
         return False, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     return r.status_code == 200, f"HTTP {r.status_code}"
