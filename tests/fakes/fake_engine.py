@@ -67,19 +67,9 @@ def spawn_child(runtime: str, group: str, log_path: Path, registry: Optional[Pat
                 fault: Sequence[str] = (), timeout_s: float = 30.0):
     """Start `python -m tests.fakes.run_engine_child` (a harness holding one fake engine in `running()`);
     return (popen, ident) once it printed READY. The caller signals/kills it."""
-    import os
-    import subprocess
-    import sys
     import time
 
-    repo = FAKES_DIR.parents[1]
-    argv = [sys.executable, "-m", "tests.fakes.run_engine_child", runtime, group, str(log_path)]
-    if registry is not None:
-        argv.append(str(registry))
-    if fault:
-        argv += ["--", *fault]
-    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.Popen(argv, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p = spawn_child_nowait(runtime, group, log_path, registry, fault)
     deadline = time.monotonic() + timeout_s
     line = ""
     while time.monotonic() < deadline:
