@@ -175,7 +175,7 @@ def resolve_cell_spec(cfg: Config, *, engine: Optional[str] = None, method: Opti
         model_path=model_source(cfg.model) or cfg.model.id, served_model=cfg.model.id, host=host, port=port,
         gpus=cfg.engine.gpus, device=cfg.engine.device, dtype=cfg.engine.dtype, max_context=cfg.model.max_context,
         extra_args=cfg.engine.extra_args, env=cfg.engine.env, host_env=dict(os.environ), params=cfg.kv.params or None,
-        tensor_parallel=tensor_parallel or 1, digest=digest,
+        tensor_parallel=tensor_parallel or 1, digest=digest, runtime=rt, tag=cfg.engine.tag,
     )
     if cfg.engine.readiness_timeout_s:
         spec = dataclasses.replace(spec, readiness_timeout_s=cfg.engine.readiness_timeout_s)

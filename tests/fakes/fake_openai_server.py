@@ -10,6 +10,7 @@ Endpoints
   GET  /health                 200 once listening (503 while `--unhealthy-for` lasts)
   GET  /v1/models              {"data": [{"id": MODEL, ...}]}
   GET  /metrics                Prometheus text: vllm:kv_cache_usage_perc, fake:requests_total, …
+  GET  /version                {"version": VERSION} (as vLLM's server answers it)
   POST /v1/completions         {"prompt": str, "max_tokens", "stream", "stream_options"}
   POST /v1/chat/completions    {"messages": [...], ...}
 Replies are deterministic: the words of `--reply` (default "The quick brown fox jumps over the lazy
@@ -41,6 +42,7 @@ Fault knobs (flag / environment variable; env applies when the flag is absent)
   --spawn-child            FAKE_SPAWN_CHILD=1       start a sleeping child process in the same process
                                                     group (tests that stop kills the whole group)
   --model NAME             FAKE_MODEL               served model id (default "fake-model")
+  --version V              FAKE_VERSION             what GET /version reports (default "0.0.0-fake")
   --reply TEXT             FAKE_REPLY               reply words
 Request indexes count completion/chat requests only, from 1, across both endpoints.
 SIGTERM (and SIGINT) → "shutting down" on stderr and exit 0.
@@ -74,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default=e("FAKE_HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(e("FAKE_PORT", "8000")))
     p.add_argument("--model", default=e("FAKE_MODEL", "fake-model"))
+    p.add_argument("--version", default=e("FAKE_VERSION", "0.0.0-fake"))
     p.add_argument("--reply", default=e("FAKE_REPLY", "The quick brown fox jumps over the lazy dog ."))
     p.add_argument("--startup-delay", type=float, default=float(e("FAKE_STARTUP_DELAY", "0")))
     p.add_argument("--unhealthy-for", type=float, default=float(e("FAKE_UNHEALTHY_FOR", "0")))
@@ -157,6 +160,8 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/v1/models":
             return self._json(200, {"object": "list", "data": [
                 {"id": st.opts.model, "object": "model", "created": 0, "owned_by": "kvt-fake", "max_model_len": 1 << 20}]})
+        if path == "/version":
+            return self._json(200, {"version": st.opts.version})
         if path == "/metrics":
             with st.lock:
                 usage = min(1.0, st.in_flight / 16)

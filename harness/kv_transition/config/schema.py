@@ -133,6 +133,7 @@ class ModelCfg(Strict):
 class EngineCfg(Strict):
     name: str = "kvpress"
     runtime: Literal["docker", "process", "external"] = "process"
+    tag: Optional[str] = None       # overrides engine.yaml's tag (e.g. the version of a pip-installed engine)
     base_url: Optional[str] = None  # for runtime=external
     host: str = "127.0.0.1"
     port: int = Field(default=8000, gt=0, lt=65536)

@@ -63,6 +63,21 @@ class MethodDef(_Strict):
     baseline: bool = False                                   # the full-cache reference of this engine
 
 
+class VersionDef(_Strict):
+    """Where a running engine says its version (checked against the spec's tag after it is healthy)."""
+    path: str                  # GET path, e.g. /version (vLLM)
+    key: str = "version"       # JSON key of the version string
+
+
+class RuntimeVariantDef(_Strict):
+    """Per-runtime overrides: how the same engine runs without its container (e.g. a pip-installed vLLM
+    under the process runtime). `image` is what is recorded instead of the container image."""
+    description: str = ""
+    image: Optional[str] = None
+    command: Optional[list[str]] = None
+    env: dict[str, str] = Field(default_factory=dict)
+
+
 class EngineDef(_Strict):
     name: str
     description: str = ""
@@ -84,6 +99,8 @@ class EngineDef(_Strict):
     method_mode: Literal["server", "request"] = "server"
     request: dict[str, Any] = Field(default_factory=dict)  # fields in every request body
     send_add_special_tokens: bool = True  # pass each manifest entry's add_special_tokens in the body
+    version: Optional[VersionDef] = None   # checked after health: a mismatch with the tag is a start error
+    runtimes: dict[Literal["docker", "process", "external"], RuntimeVariantDef] = Field(default_factory=dict)
     methods: dict[str, MethodDef]
 
 
@@ -140,6 +157,9 @@ class ResolvedSpec:
     build: Optional[dict[str, Any]] = None
     gpu: bool = True
     send_add_special_tokens: bool = True
+    runtime: Optional[str] = None                 # the runtime variant applied (None = the engine's defaults)
+    version_path: Optional[str] = None            # GET → JSON {version_key: "<version>"}, compared with tag
+    version_key: str = "version"
 
     @property
     def image_ref(self) -> str:
@@ -213,7 +233,11 @@ def resolve(
     host_env: Optional[dict[str, str]] = None,
     digest: Optional[str] = None,
     params: Optional[dict[str, Any]] = None,
+    runtime: Optional[str] = None,
+    tag: Optional[str] = None,
 ) -> ResolvedSpec:
+    """`runtime` applies that runtime's variant from `runtimes:` (command, image, env) when the engine
+    declares one; `tag` overrides the engine's tag (e.g. the version of a pip-installed engine)."""
     if method not in eng.methods:
         raise ConfigError(f"kv.method: engine {eng.name!r} has no method {method!r} (known: {', '.join(eng.methods)})")
     m = eng.methods[method]
@@ -226,7 +250,10 @@ def resolve(
     args = _fill(eng.args, values, f"engines/{eng.name}/engine.yaml: args")
     args += _fill(m.args, values, f"engines/{eng.name}/engine.yaml: methods.{method}.args")
     args += list(extra_args or [])
+    variant = eng.runtimes.get(runtime) if runtime else None  # type: ignore[call-overload]
     full_env = dict(eng.env)
+    if variant:
+        full_env.update(variant.env)
     full_env.update(m.env)
     for k in eng.passthrough_env:
         if host_env and host_env.get(k):
@@ -244,14 +271,18 @@ def resolve(
                 extras[carrier]["budget"] = budget
     return ResolvedSpec(
         engine=eng.name, method=method, compression_ratio=compression_ratio, budget=budget,
-        method_mode=eng.method_mode, image=eng.image, tag=eng.tag, digest=digest or eng.digest,
-        command=list(eng.command), args=args, env=full_env, gpus=list(gpus or []), host=host, port=port,
+        method_mode=eng.method_mode, image=(variant.image if variant and variant.image else eng.image),
+        tag=tag or eng.tag, digest=None if variant and variant.image else (digest or eng.digest),
+        command=list(variant.command if variant and variant.command is not None else eng.command), args=args, env=full_env, gpus=list(gpus or []), host=host, port=port,
         ipc_mode=eng.ipc_mode, shm_size=eng.shm_size, health_path=eng.health.path,
         readiness_timeout_s=eng.health.readiness_timeout_s, health_interval_s=eng.health.interval_s,
         models_path=eng.models_path, metrics_path=eng.metrics.path, kv_usage_metrics=list(eng.metrics.kv_usage),
         concurrency=eng.concurrency, request_extras=extras, served_model=served_model,
         build=eng.build.model_dump() if eng.build else None, gpu=eng.gpu,
         send_add_special_tokens=eng.send_add_special_tokens,
+        runtime=runtime if variant else None,
+        version_path=eng.version.path if eng.version else None,
+        version_key=eng.version.key if eng.version else "version",
     )
 
 

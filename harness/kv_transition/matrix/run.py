@@ -150,7 +150,7 @@ class SharedEngine:
             try:
                 inst = self.rt.start(self.spec, self.labels, self.log_path)
                 self.loads += 1
-                self.rt.wait_ready(inst)
+                self.rt.ready(inst)
             except EngineStartError as e:
                 if inst is not None:
                     self.rt.stop(inst)

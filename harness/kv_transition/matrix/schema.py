@@ -45,6 +45,7 @@ class Knobs(_Strict):
     """Per-engine (or per-engine-and-model) settings that do not multiply cells."""
 
     runtime: Optional[Runtime] = None
+    tag: Optional[str] = None                                # engine version/tag override (enters the cell id)
     tp: Optional[int] = Field(default=None, ge=1, le=64)     # tensor-parallel size = GPUs per engine
     args: list[str] = Field(default_factory=list)            # appended to engine.extra_args (enter the cell id)
     env: dict[str, str] = Field(default_factory=dict)        # engine env (not in the cell id)

@@ -69,6 +69,14 @@ class Runtime(ABC):
     def wait_ready(self, inst: Instance, timeout_s: Optional[float] = None) -> None:
         """Block until health answers 200; raise EngineStartError early if the engine exits."""
 
+    def ready(self, inst: Instance, timeout_s: Optional[float] = None) -> None:
+        """wait_ready, then the engine's reported version against the spec's tag (when it declares one)."""
+        from kv_transition.runtime.health import verify_version
+
+        self.wait_ready(inst, timeout_s)
+        if inst.spec is not None:
+            verify_version(inst.spec)
+
     @abstractmethod
     def is_running(self, inst: Instance) -> bool: ...
 
@@ -108,7 +116,7 @@ class Runtime(ABC):
         with stop_on_signals(self.stop_all):
             inst = self.start(spec, labels, log_path)
             try:
-                self.wait_ready(inst)
+                self.ready(inst)
                 yield inst
             finally:
                 self.stop(inst)

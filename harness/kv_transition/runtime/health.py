@@ -5,12 +5,15 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 from urllib.parse import urlsplit
 
 import httpx
 
 from kv_transition.runtime.base import EngineStartError
+
+if TYPE_CHECKING:
+    from kv_transition.engines.spec import ResolvedSpec
 
 #: returns None while the engine is alive, or its exit code once it has exited
 AliveFn = Callable[[], Optional[int]]
@@ -82,3 +85,29 @@ def port_in_use(base_url: str) -> bool:
             return True
     except OSError:
         return False
+
+
+def _norm_version(v: str) -> str:
+    v = str(v).strip()
+    return v[1:] if v[:1] in ("v", "V") and v[1:2].isdigit() else v
+
+
+def verify_version(spec: "ResolvedSpec", timeout_s: float = 10.0) -> Optional[str]:
+    """GET the engine's version endpoint (engine.yaml `version:`) and compare it with the spec's tag.
+
+    Returns the reported version (None when the engine declares no endpoint). A different version is an
+    EngineStartError: the cell would otherwise be recorded under a tag it did not run (e.g. a pip-installed
+    vLLM 0.33 serving cells labelled 0.26.0)."""
+    if not spec.version_path:
+        return None
+    url = spec.base_url + spec.version_path
+    try:
+        r = httpx.get(url, timeout=timeout_s, verify=_ssl_context())
+        r.raise_for_status()
+        reported = r.json()[spec.version_key]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+        raise EngineStartError(f"{url}: could not read the engine version ({type(e).__name__}: {e})") from None
+    if spec.tag and _norm_version(reported) != _norm_version(spec.tag):
+        raise EngineStartError(f"{spec.engine}: the engine reports version {reported!r} but the cell says "
+                               f"{spec.tag!r} (engine tag; set engine.tag to the version you installed)")
+    return str(reported)
