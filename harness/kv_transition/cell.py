@@ -160,6 +160,11 @@ def resolve_cell_spec(cfg: Config, *, engine: Optional[str] = None, method: Opti
             compression_ratio, budget = cfg.kv.compression_ratio, cfg.kv.budget
     if compression_ratio is not None and budget is not None:
         raise ConfigError("set at most one of --ratio and --budget")
+    if compression_ratio is not None and not 0.0 <= compression_ratio < 1.0:
+        raise ConfigError(f"kv.compression_ratio: {compression_ratio:g} is outside [0, 1) "
+                          "(the fraction of the KV cache evicted, e.g. 0.5)")
+    if budget is not None and budget <= 0:
+        raise ConfigError(f"kv.budget: {budget} is not a positive token count (the KV tokens kept, e.g. 1024)")
     host, port = cfg.engine.host, cfg.engine.port
     url = base_url or cfg.engine.base_url
     if rt == "external":
@@ -170,6 +175,10 @@ def resolve_cell_spec(cfg: Config, *, engine: Optional[str] = None, method: Opti
             raise ConfigError(f"engine.base_url: {url!r} is not an http(s) URL")
         host, port = u.hostname, u.port or (443 if u.scheme == "https" else 80)
     eng = load_engine(engine or cfg.engine.name)
+    md = eng.methods.get(method)
+    if md is not None and md.supports and not md.baseline and compression_ratio is None and budget is None:
+        raise ConfigError(f"kv.method: {eng.name}/{method} needs a compression ratio or a budget "
+                          f"(set {' or '.join('kv.' + k for k in md.supports)})")
     spec = resolve(
         eng, method, compression_ratio=compression_ratio, budget=budget,
         model_path=model_source(cfg.model) or cfg.model.id, served_model=cfg.model.id, host=host, port=port,
