@@ -26,6 +26,7 @@ import httpx
 
 from kv_transition import __version__
 from kv_transition.config import Config, Paths
+from kv_transition.config.secrets import masked_config
 from kv_transition.db import connect, dumps, transaction, utcnow
 from kv_transition.engines.spec import ResolvedSpec, load_engine, resolve
 from kv_transition.errors import ConfigError
@@ -35,6 +36,20 @@ from kv_transition.runtime.base import CELL_LABEL, GROUP_LABEL, OWNER_LABEL, Eng
 from kv_transition.telemetry import TelemetrySampler
 
 KV_CARRIER = "kv_press"  # the per-request method object of request-mode engines
+DB_LOCK_WAIT_S = 300.0    # how long a cell's DB writes wait out another process's write lock
+LOG_TAIL_LINES = 30       # engine log lines quoted in the reason when the engine dies mid-cell
+
+
+def _log_tail_text(rt: Any, inst: Instance, log_path: Any) -> str:
+    """'\nlast N engine log lines (<log>):\n…' or '' — what the engine said before it died."""
+    try:
+        tail = rt.log_tail(inst, LOG_TAIL_LINES)
+    except Exception:  # noqa: BLE001 - a missing log is not a second failure
+        tail = ""
+    if not tail.strip():
+        return ""
+    where = inst.log_path or log_path
+    return f"\nlast {LOG_TAIL_LINES} engine log lines ({where}):\n{tail}"
 
 
 @dataclass
@@ -200,7 +215,7 @@ def _count(conn: Any, cell_id: str, status: str, repeats: int) -> int:
 
 def _prepare_rows(conn: Any, cfg: Config, spec: ResolvedSpec, cell_id: str, inputs: dict[str, Any],
                   dataset_id: str, entries: list[dict[str, Any]], runtime: str) -> tuple[int, list[WorkItem]]:
-    cfg_json = dumps(cfg.model_dump(mode="json"))
+    cfg_json = dumps(masked_config(cfg))  # never a secret at rest
     cfg_hash = "sha256:" + hashlib.sha256(cfg_json.encode()).hexdigest()
     now = utcnow()
     repeats = cfg.decoding.repeats
@@ -246,8 +261,14 @@ def _prepare_rows(conn: Any, cfg: Config, spec: ResolvedSpec, cell_id: str, inpu
 
 def _finish(conn: Any, cell_id: str, run_id: int, status: str, reason: Optional[str], n_todo: int,
             stats: Optional[RunStats], repeats: int, run_status: Optional[str] = None) -> tuple[int, int, int]:
+    """Close the cell and the run. The run's counters count what this run STORED (attempts and
+    responses rows), not the runner's in-memory tally: an interrupted or crashed run still tells the
+    truth."""
+    from kv_transition.db.stale import stored_counts
+
     n_ok = _count(conn, cell_id, "ok", repeats)
     n_failed = _count(conn, cell_id, "failed", repeats)
+    c = stored_counts(conn, run_id)
     now = utcnow()
     with transaction(conn):
         n_req = int(conn.execute("SELECT n_requests FROM cells WHERE cell_id=?", (cell_id,)).fetchone()[0])
@@ -255,8 +276,7 @@ def _finish(conn: Any, cell_id: str, run_id: int, status: str, reason: Optional[
                      (status, reason, n_ok, n_failed, now, now, cell_id))
         conn.execute(
             "UPDATE runs SET status=?, reason=?, n_todo=?, n_sent=?, n_ok=?, n_failed=?, finished_at=? WHERE run_id=?",
-            (run_status or status, reason, n_todo, stats.n_ok + stats.n_failed if stats else 0,
-             stats.n_ok if stats else 0, stats.n_failed if stats else 0, now, run_id))
+            (run_status or status, reason, n_todo, c["n_sent"], c["n_ok"], c["n_failed"], now, run_id))
     return n_req, n_ok, n_failed
 
 
@@ -292,6 +312,20 @@ def _event(conn: Any, run_id: Optional[int], cell_id: str, level: str, kind: str
 
     conn.execute("INSERT INTO events(run_id, cell_id, t, level, kind, message, data_json) VALUES (?,?,?,?,?,?,?)",
                  (run_id, cell_id, time.time(), level, kind, message[:8000], json.dumps(data) if data is not None else None))
+
+
+def _failed_requests_reason(conn: Any, run_id: int, n_failed: int) -> Optional[str]:
+    """'N request(s) failed …' saying whether they were retried, with the last error's text."""
+    row = conn.execute(
+        "SELECT a.error, a.http_status, a.retryable, (SELECT COUNT(*) FROM attempts b WHERE b.run_id = a.run_id"
+        " AND b.request_id = a.request_id) AS n FROM attempts a WHERE a.run_id=? AND a.ok=0"
+        " ORDER BY a.rowid DESC LIMIT 1", (run_id,)).fetchone()
+    if row is None:
+        return None
+    how = (f"after {row['n']} attempts each" if row["n"] > 1
+           else "not retried: the error is not retryable" if not row["retryable"] else "after 1 attempt")
+    http = f"HTTP {row['http_status']}: " if row["http_status"] else ""
+    return f"{n_failed} request(s) failed ({how}); last error: {http}{(row['error'] or '')[:300]}"
 
 
 # --- the cell -----------------------------------------------------------------------------------
@@ -340,12 +374,15 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
     spec, rt_name, ext_url = resolve_cell_spec(cfg, engine=engine, method=method, compression_ratio=compression_ratio,
                                                budget=budget, runtime=runtime, base_url=base_url,
                                                tensor_parallel=tensor_parallel, digest=digest)
-    conn = connect(paths.db)
+    conn = connect(paths.db, busy_timeout_s=DB_LOCK_WAIT_S)
     try:
         manifest = from_db(conn, paths.dataset_id)
         entries = manifest["entries"]
         inputs = cell_inputs(cfg, spec, paths.dataset_id)
         cell_id = cell_id_for(inputs)
+        from kv_transition.db.stale import close_stale_runs
+
+        close_stale_runs(conn)  # runs of killed harnesses end `killed`, never `running` forever
         run_id, items = _prepare_rows(conn, cfg, spec, cell_id, inputs, paths.dataset_id, entries, rt_name)
         repeats = cfg.decoding.repeats
         n_todo = len(items)
@@ -363,7 +400,7 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
             backoff_s=cfg.decoding.retry_backoff_s, backoff_max_s=cfg.decoding.retry_backoff_max_s,
             stream=cfg.decoding.stream,
         )
-        writer = DbWriter(paths.db).start()
+        writer = DbWriter(paths.db, lock_wait_s=DB_LOCK_WAIT_S, context=(run_id, cell_id)).start()
         stats: Optional[RunStats] = None
         status, reason, run_status = "failed", None, None
         instance_id: Optional[int] = None
@@ -406,7 +443,9 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
                 why = stats.aborted
                 if dog.fired and inst_ref is not None and inst_ref.exit_code is not None and "exit code" not in why:
                     why = f"{why} (exit code {inst_ref.exit_code})"
-                status, reason = "incomplete", f"{why}; {stats.n_ok + stats.n_failed}/{n_todo} requests finished in this run"
+                tail = _log_tail_text(rt, inst_ref, log_path) if dog.fired and inst_ref is not None else ""
+                status, reason = "incomplete", (f"{why}; {stats.n_ok + stats.n_failed}/{n_todo} requests finished "
+                                                f"in this run{tail}")
             elif stats.n_failed:
                 status, reason = "incomplete", f"{stats.n_failed} request(s) failed after retries"
             else:
@@ -427,6 +466,8 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
                 writer.close()
             except Exception as e:  # the DB write failure is the more important message
                 status, reason = "failed", f"DB writer: {e}"
+            if stats is not None and stats.n_failed and not stats.aborted and status == "incomplete":
+                reason = _failed_requests_reason(conn, run_id, stats.n_failed) or reason
             if instance_id is not None and inst_ref is not None:
                 _update_instance(conn, instance_id, inst_ref, reason if status == "failed" else None)
             if reason and status != "completed":
