@@ -406,6 +406,7 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
         instance_id: Optional[int] = None
         inst_ref: Optional[Instance] = None
         interrupted: Optional[BaseException] = None
+        engine_died = False
         try:
             with rt.running(spec, labels, log_path) as inst:
                 inst_ref = inst
@@ -432,6 +433,11 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
                     with cell_progress(label, n_todo, enabled=progress, console=console) as tick:
                         runner.on_tick = tick
                         stats = asyncio.run(runner.run(items))
+                    if not dog.fired:  # requests can fail faster than the watchdog notices a dead engine
+                        try:
+                            engine_died = not rt.is_running(inst)
+                        except Exception:  # noqa: BLE001 - a flaky check is not a dead engine
+                            engine_died = False
                 finally:
                     dog.stop_ev.set()
                     dog.join(5)
@@ -439,11 +445,17 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
                         sampler.stop()
             # after teardown: the runtime has recorded the engine's exit code
             assert stats is not None
+            if engine_died and not stats.aborted:
+                code = inst_ref.exit_code if inst_ref is not None else None
+                stats = dataclasses.replace(stats, aborted="engine stopped mid-cell" + (
+                    f" (exit code {code})" if code is not None else ""))
             if stats.aborted:
                 why = stats.aborted
-                if dog.fired and inst_ref is not None and inst_ref.exit_code is not None and "exit code" not in why:
+                if (dog.fired or engine_died) and inst_ref is not None and inst_ref.exit_code is not None \
+                        and "exit code" not in why:
                     why = f"{why} (exit code {inst_ref.exit_code})"
-                tail = _log_tail_text(rt, inst_ref, log_path) if dog.fired and inst_ref is not None else ""
+                died = dog.fired or engine_died
+                tail = _log_tail_text(rt, inst_ref, log_path) if died and inst_ref is not None else ""
                 status, reason = "incomplete", (f"{why}; {stats.n_ok + stats.n_failed}/{n_todo} requests finished "
                                                 f"in this run{tail}")
             elif stats.n_failed:

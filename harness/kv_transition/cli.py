@@ -29,18 +29,27 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override one key (repeatable); VALUE is parsed as a YAML scalar")
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+def _load(args: argparse.Namespace, check_db: bool = True) -> tuple[Any, Any]:
+    """The config and its paths; with `check_db`, an existing DB that is damaged, foreign or empty is
+    refused here, before the command writes anything (a manifest, a log, a row)."""
     from kv_transition.config import load_config, resolve_paths
+    from kv_transition.db.core import check_file
     from kv_transition.errors import ConfigError
 
     cfg = load_config(args.config, args.override)
     try:
-        return cfg, resolve_paths(cfg)
+        paths = resolve_paths(cfg)
     except ConfigError as e:  # e.g. db.path outside runs_root: name the file (or the -o it came from)
         msg = str(e)
         key = msg.split(":", 1)[0]
         blame = next((f"-o {o}" for o in reversed(args.override) if o.split("=", 1)[0].strip() == key), args.config)
         raise ConfigError(f"{blame}: {msg}") from None
+    if check_db and paths.db.exists():
+        check_file(paths.db)
+        from kv_transition.db import connect
+
+        connect(paths.db, readonly=True).close()  # reads the schema: a damaged file fails here, not halfway
+    return cfg, paths
 
 
 _KNOB_FLAGS = (("engine", "--engine"), ("method", "--method"), ("ratio", "--ratio"), ("budget", "--budget"),
@@ -90,7 +99,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
-    cfg, paths = _load(args)
+    cfg, paths = _load(args, check_db=False)
     out: dict[str, Any] = {"run_dir": str(paths.run_dir), "db": str(paths.db), "dataset_id": paths.dataset_id,
                            "manifest": str(paths.manifest)}
     if args.print_config:
@@ -285,10 +294,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     """Remove leftover engine containers (by label) and engine process groups (pidfile registry)."""
-    from kv_transition.runtime.cleanup import cleanup
+    from kv_transition.runtime.cleanup import cleanup, close_stale_records, group_dbs
 
     rep = cleanup(group=args.group, runtime=args.runtime, registry_dir=args.registry, dry_run=args.dry_run,
                   force=args.force)
+    if args.config:  # the config's own DB
+        cfg, paths = _load(argparse.Namespace(config=args.config, override=args.override))
+        dbs = [paths.db] if paths.db.is_file() else []
+    else:
+        dbs = group_dbs(Path(args.runs_root).resolve(), args.group)
+    rep.runs, notes = close_stale_records(dbs, dry_run=args.dry_run)
+    rep.skipped.extend(notes)
     for line in rep.skipped:
         sys.stderr.write(f"kvt: note: {line}\n")
     lines = rep.lines()
@@ -391,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-n", "--dry-run", action="store_true", help="list, remove nothing")
     sp.add_argument("--force", action="store_true",
                     help="also remove engines whose harness (a `kvt run` on this host) is still running")
+    sp.add_argument("-c", "--config", help="close stale run records in this config's DB (default: the DBs under "
+                    "--runs-root, only --group's when given)")
+    sp.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="override one key of --config (repeatable)")
+    sp.add_argument("--runs-root", default="runs", help="where the groups' DBs live (default: runs)")
 
     m = sub.add_parser("manifest", help="manifest tools")
     msub = m.add_subparsers(dest="manifest_command", metavar="SUBCOMMAND", parser_class=_Parser)
@@ -427,7 +448,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except sqlite3.DatabaseError as e:  # locked past the busy timeout, or damaged mid-command: one line
         from kv_transition.db.core import LAST_PATH, describe_db_error
 
-        sys.stderr.write(f"kvt: error: {describe_db_error(LAST_PATH[0] if LAST_PATH else 'database', e)}\n")
+        sys.stderr.write(f"kvt: error: {describe_db_error(LAST_PATH[0] if LAST_PATH else 'database', e, mid=True)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("kvt: interrupted\n")

@@ -201,7 +201,8 @@ def format_validation_error(err: ValidationError, source: str, model: type[BaseM
                             overrides: Sequence[tuple[list[str], str]] = ()) -> str:
     """ONE line: `<file or -o override>: <key path>: <problem> (<suggestion>)`. An unknown key is
     reported first (a misspelt key also makes the real one 'missing')."""
-    errors = sorted(err.errors(), key=lambda x: x["type"] != "extra_forbidden")
+    # an unknown key first; then the deepest location (of a union, the member that got furthest)
+    errors = sorted(err.errors(), key=lambda x: (x["type"] != "extra_forbidden", -len(x["loc"])))
     e = errors[0]
     loc = tuple(e["loc"])
     dotted = dotted_loc(loc)

@@ -25,10 +25,14 @@ def is_locked_error(e: BaseException) -> bool:
     return isinstance(e, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
 
 
-def describe_db_error(path: str | Path, e: BaseException) -> str:
-    """The one line the CLI prints for an sqlite3 error on `path`."""
+def describe_db_error(path: str | Path, e: BaseException, mid: bool = False) -> str:
+    """The one line the CLI prints for an sqlite3 error on `path` (`mid`: found after the command began,
+    so earlier committed transactions stand)."""
     if is_locked_error(e):
         return f"{path}: database is locked by another process (try again when it has finished)"
+    if mid:
+        return (f"{path}: database is damaged ({e}); the command stopped "
+                f"(check it: sqlite3 {path} 'PRAGMA integrity_check')")
     return f"{path}: database is damaged ({e}); nothing was changed"
 
 
@@ -69,14 +73,26 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
+def default_busy_timeout_s() -> float:
+    """How long a statement waits for another process's lock: $KVT_DB_BUSY_TIMEOUT_S, default 30 s."""
+    import os
+
+    try:
+        return max(0.0, float(os.environ.get("KVT_DB_BUSY_TIMEOUT_S", "30")))
+    except ValueError:
+        return 30.0
+
+
 def connect(path: str | Path, *, migrate_schema: bool = True, readonly: bool = False,
-            busy_timeout_s: float = 30.0) -> sqlite3.Connection:
+            busy_timeout_s: float | None = None) -> sqlite3.Connection:
     """Open (creating parent dirs) and migrate. Rows come back as sqlite3.Row. A damaged, foreign or
     empty file raises DbError before anything is written; a lock held longer than `busy_timeout_s`
     raises DbError too (SQLite retries with backoff meanwhile)."""
     p = Path(path)
     LAST_PATH[:] = [str(p)]
     check_file(p)
+    if busy_timeout_s is None:
+        busy_timeout_s = default_busy_timeout_s()
     if readonly:
         conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=busy_timeout_s, check_same_thread=False)
     else:
