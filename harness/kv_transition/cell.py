@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import socket
+import sqlite3
 import threading
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -38,6 +39,21 @@ from kv_transition.telemetry import TelemetrySampler
 KV_CARRIER = "kv_press"  # the per-request method object of request-mode engines
 DB_LOCK_WAIT_S = 300.0    # how long a cell's DB writes wait out another process's write lock
 LOG_TAIL_LINES = 30       # engine log lines quoted in the reason when the engine dies mid-cell
+
+
+def _engine_gone(rt: Any, inst: Instance) -> bool:
+    """Two failed liveness checks in a row (one slow health probe is not a dead engine)."""
+    import time
+
+    for i in range(2):
+        try:
+            if rt.is_running(inst):
+                return False
+        except Exception:  # noqa: BLE001 - a flaky check is not a dead engine
+            return False
+        if i == 0:
+            time.sleep(0.2)
+    return True
 
 
 def _log_tail_text(rt: Any, inst: Instance, log_path: Any) -> str:
@@ -433,11 +449,8 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
                     with cell_progress(label, n_todo, enabled=progress, console=console) as tick:
                         runner.on_tick = tick
                         stats = asyncio.run(runner.run(items))
-                    if not dog.fired:  # requests can fail faster than the watchdog notices a dead engine
-                        try:
-                            engine_died = not rt.is_running(inst)
-                        except Exception:  # noqa: BLE001 - a flaky check is not a dead engine
-                            engine_died = False
+                    if not dog.fired and stats.n_failed:  # requests can fail faster than the watchdog
+                        engine_died = _engine_gone(rt, inst)         # notices a dead engine
                 finally:
                     dog.stop_ev.set()
                     dog.join(5)
@@ -483,7 +496,11 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
             if instance_id is not None and inst_ref is not None:
                 _update_instance(conn, instance_id, inst_ref, reason if status == "failed" else None)
             if reason and status != "completed":
-                _event(conn, run_id, cell_id, "error" if status == "failed" else "warning", f"cell_{status}", reason)
+                try:
+                    _event(conn, run_id, cell_id, "error" if status == "failed" else "warning", f"cell_{status}",
+                           reason)
+                except sqlite3.Error:  # an event row never decides the cell's fate (the reason is in cells/runs)
+                    pass
             n_req, n_ok, n_failed = _finish(conn, cell_id, run_id, status, reason, n_todo, stats, repeats, run_status)
         if interrupted is not None:
             raise interrupted
