@@ -56,7 +56,7 @@ _KNOB_FLAGS = (("engine", "--engine"), ("method", "--method"), ("ratio", "--rati
                ("runtime", "--runtime"), ("base_url", "--base-url"))
 
 
-def check_inputs(args: argparse.Namespace, cfg: Any) -> Any:
+def check_inputs(args: argparse.Namespace, cfg: Any, for_run: bool = False) -> Any:
     """Everything a run would refuse, refused now (before any engine starts or any row is written):
     the cell's engine/method/ratio/budget resolve (the CLI's flags through the same rules as the
     config's kv section) and a local model path exists. → the resolved spec."""
@@ -72,6 +72,8 @@ def check_inputs(args: argparse.Namespace, cfg: Any) -> Any:
                                        base_url=getattr(args, "base_url", None))
     except ConfigError as e:
         msg = str(e)
+        if not for_run and msg.startswith("engine.base_url: runtime 'external' needs"):
+            return None  # `kvt run --base-url URL` may still give it
         if not msg.startswith(("kv.", "engine.", "model.", "set at most")):
             raise  # already names its file (an engine.yaml)
         if flags:
@@ -331,7 +333,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """One cell: prepare the manifest if missing, start the engine, send the manifest, tear down.
     Exit 0 when the cell is complete, 1 when it failed or is incomplete (re-run to finish it)."""
     cfg, paths = _load(args)
-    check_inputs(args, cfg)  # bad flags / model path: exit 2 before prepare, DB rows or an engine
+    check_inputs(args, cfg, for_run=True)  # bad flags / model path: exit 2 before prepare, DB rows or an engine
     from kv_transition.cell import cell_summary, run_cell
     from kv_transition.ui import console, stage_progress
 
