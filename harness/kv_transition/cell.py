@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import socket
+import sqlite3
 import threading
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -26,6 +27,7 @@ import httpx
 
 from kv_transition import __version__
 from kv_transition.config import Config, Paths
+from kv_transition.config.secrets import masked_config
 from kv_transition.db import connect, dumps, transaction, utcnow
 from kv_transition.engines.spec import ResolvedSpec, load_engine, resolve
 from kv_transition.errors import ConfigError
@@ -35,6 +37,35 @@ from kv_transition.runtime.base import CELL_LABEL, GROUP_LABEL, OWNER_LABEL, Eng
 from kv_transition.telemetry import TelemetrySampler
 
 KV_CARRIER = "kv_press"  # the per-request method object of request-mode engines
+DB_LOCK_WAIT_S = 300.0    # how long a cell's DB writes wait out another process's write lock
+LOG_TAIL_LINES = 30       # engine log lines quoted in the reason when the engine dies mid-cell
+
+
+def _engine_gone(rt: Any, inst: Instance) -> bool:
+    """Two failed liveness checks in a row (one slow health probe is not a dead engine)."""
+    import time
+
+    for i in range(2):
+        try:
+            if rt.is_running(inst):
+                return False
+        except Exception:  # noqa: BLE001 - a flaky check is not a dead engine
+            return False
+        if i == 0:
+            time.sleep(0.2)
+    return True
+
+
+def _log_tail_text(rt: Any, inst: Instance, log_path: Any) -> str:
+    """'\nlast N engine log lines (<log>):\n…' or '' — what the engine said before it died."""
+    try:
+        tail = rt.log_tail(inst, LOG_TAIL_LINES)
+    except Exception:  # noqa: BLE001 - a missing log is not a second failure
+        tail = ""
+    if not tail.strip():
+        return ""
+    where = inst.log_path or log_path
+    return f"\nlast {LOG_TAIL_LINES} engine log lines ({where}):\n{tail}"
 
 
 @dataclass
@@ -160,6 +191,11 @@ def resolve_cell_spec(cfg: Config, *, engine: Optional[str] = None, method: Opti
             compression_ratio, budget = cfg.kv.compression_ratio, cfg.kv.budget
     if compression_ratio is not None and budget is not None:
         raise ConfigError("set at most one of --ratio and --budget")
+    if compression_ratio is not None and not 0.0 <= compression_ratio < 1.0:
+        raise ConfigError(f"kv.compression_ratio: {compression_ratio:g} is outside [0, 1) "
+                          "(the fraction of the KV cache evicted, e.g. 0.5)")
+    if budget is not None and budget <= 0:
+        raise ConfigError(f"kv.budget: {budget} is not a positive token count (the KV tokens kept, e.g. 1024)")
     host, port = cfg.engine.host, cfg.engine.port
     url = base_url or cfg.engine.base_url
     if rt == "external":
@@ -170,6 +206,10 @@ def resolve_cell_spec(cfg: Config, *, engine: Optional[str] = None, method: Opti
             raise ConfigError(f"engine.base_url: {url!r} is not an http(s) URL")
         host, port = u.hostname, u.port or (443 if u.scheme == "https" else 80)
     eng = load_engine(engine or cfg.engine.name)
+    md = eng.methods.get(method)
+    if md is not None and md.supports and not md.baseline and compression_ratio is None and budget is None:
+        raise ConfigError(f"kv.method: {eng.name}/{method} needs a compression ratio or a budget "
+                          f"(set {' or '.join('kv.' + k for k in md.supports)})")
     spec = resolve(
         eng, method, compression_ratio=compression_ratio, budget=budget,
         model_path=model_source(cfg.model) or cfg.model.id, served_model=cfg.model.id, host=host, port=port,
@@ -191,7 +231,7 @@ def _count(conn: Any, cell_id: str, status: str, repeats: int) -> int:
 
 def _prepare_rows(conn: Any, cfg: Config, spec: ResolvedSpec, cell_id: str, inputs: dict[str, Any],
                   dataset_id: str, entries: list[dict[str, Any]], runtime: str) -> tuple[int, list[WorkItem]]:
-    cfg_json = dumps(cfg.model_dump(mode="json"))
+    cfg_json = dumps(masked_config(cfg))  # never a secret at rest
     cfg_hash = "sha256:" + hashlib.sha256(cfg_json.encode()).hexdigest()
     now = utcnow()
     repeats = cfg.decoding.repeats
@@ -237,8 +277,14 @@ def _prepare_rows(conn: Any, cfg: Config, spec: ResolvedSpec, cell_id: str, inpu
 
 def _finish(conn: Any, cell_id: str, run_id: int, status: str, reason: Optional[str], n_todo: int,
             stats: Optional[RunStats], repeats: int, run_status: Optional[str] = None) -> tuple[int, int, int]:
+    """Close the cell and the run. The run's counters count what this run STORED (attempts and
+    responses rows), not the runner's in-memory tally: an interrupted or crashed run still tells the
+    truth."""
+    from kv_transition.db.stale import stored_counts
+
     n_ok = _count(conn, cell_id, "ok", repeats)
     n_failed = _count(conn, cell_id, "failed", repeats)
+    c = stored_counts(conn, run_id)
     now = utcnow()
     with transaction(conn):
         n_req = int(conn.execute("SELECT n_requests FROM cells WHERE cell_id=?", (cell_id,)).fetchone()[0])
@@ -246,8 +292,7 @@ def _finish(conn: Any, cell_id: str, run_id: int, status: str, reason: Optional[
                      (status, reason, n_ok, n_failed, now, now, cell_id))
         conn.execute(
             "UPDATE runs SET status=?, reason=?, n_todo=?, n_sent=?, n_ok=?, n_failed=?, finished_at=? WHERE run_id=?",
-            (run_status or status, reason, n_todo, stats.n_ok + stats.n_failed if stats else 0,
-             stats.n_ok if stats else 0, stats.n_failed if stats else 0, now, run_id))
+            (run_status or status, reason, n_todo, c["n_sent"], c["n_ok"], c["n_failed"], now, run_id))
     return n_req, n_ok, n_failed
 
 
@@ -283,6 +328,20 @@ def _event(conn: Any, run_id: Optional[int], cell_id: str, level: str, kind: str
 
     conn.execute("INSERT INTO events(run_id, cell_id, t, level, kind, message, data_json) VALUES (?,?,?,?,?,?,?)",
                  (run_id, cell_id, time.time(), level, kind, message[:8000], json.dumps(data) if data is not None else None))
+
+
+def _failed_requests_reason(conn: Any, run_id: int, n_failed: int) -> Optional[str]:
+    """'N request(s) failed …' saying whether they were retried, with the last error's text."""
+    row = conn.execute(
+        "SELECT a.error, a.http_status, a.retryable, (SELECT COUNT(*) FROM attempts b WHERE b.run_id = a.run_id"
+        " AND b.request_id = a.request_id) AS n FROM attempts a WHERE a.run_id=? AND a.ok=0"
+        " ORDER BY a.rowid DESC LIMIT 1", (run_id,)).fetchone()
+    if row is None:
+        return None
+    how = (f"after {row['n']} attempts each" if row["n"] > 1
+           else "not retried: the error is not retryable" if not row["retryable"] else "after 1 attempt")
+    http = f"HTTP {row['http_status']}: " if row["http_status"] else ""
+    return f"{n_failed} request(s) failed ({how}); last error: {http}{(row['error'] or '')[:300]}"
 
 
 # --- the cell -----------------------------------------------------------------------------------
@@ -331,12 +390,15 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
     spec, rt_name, ext_url = resolve_cell_spec(cfg, engine=engine, method=method, compression_ratio=compression_ratio,
                                                budget=budget, runtime=runtime, base_url=base_url,
                                                tensor_parallel=tensor_parallel, digest=digest)
-    conn = connect(paths.db)
+    conn = connect(paths.db, busy_timeout_s=DB_LOCK_WAIT_S)
     try:
         manifest = from_db(conn, paths.dataset_id)
         entries = manifest["entries"]
         inputs = cell_inputs(cfg, spec, paths.dataset_id)
         cell_id = cell_id_for(inputs)
+        from kv_transition.db.stale import close_stale_runs
+
+        close_stale_runs(conn)  # runs of killed harnesses end `killed`, never `running` forever
         run_id, items = _prepare_rows(conn, cfg, spec, cell_id, inputs, paths.dataset_id, entries, rt_name)
         repeats = cfg.decoding.repeats
         n_todo = len(items)
@@ -354,12 +416,13 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
             backoff_s=cfg.decoding.retry_backoff_s, backoff_max_s=cfg.decoding.retry_backoff_max_s,
             stream=cfg.decoding.stream,
         )
-        writer = DbWriter(paths.db).start()
+        writer = DbWriter(paths.db, lock_wait_s=DB_LOCK_WAIT_S, context=(run_id, cell_id)).start()
         stats: Optional[RunStats] = None
         status, reason, run_status = "failed", None, None
         instance_id: Optional[int] = None
         inst_ref: Optional[Instance] = None
         interrupted: Optional[BaseException] = None
+        engine_died = False
         try:
             with rt.running(spec, labels, log_path) as inst:
                 inst_ref = inst
@@ -386,6 +449,8 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
                     with cell_progress(label, n_todo, enabled=progress, console=console) as tick:
                         runner.on_tick = tick
                         stats = asyncio.run(runner.run(items))
+                    if not dog.fired and stats.n_failed:  # requests can fail faster than the watchdog
+                        engine_died = _engine_gone(rt, inst)         # notices a dead engine
                 finally:
                     dog.stop_ev.set()
                     dog.join(5)
@@ -393,11 +458,19 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
                         sampler.stop()
             # after teardown: the runtime has recorded the engine's exit code
             assert stats is not None
+            if engine_died and not stats.aborted:
+                code = inst_ref.exit_code if inst_ref is not None else None
+                stats = dataclasses.replace(stats, aborted="engine stopped mid-cell" + (
+                    f" (exit code {code})" if code is not None else ""))
             if stats.aborted:
                 why = stats.aborted
-                if dog.fired and inst_ref is not None and inst_ref.exit_code is not None and "exit code" not in why:
+                if (dog.fired or engine_died) and inst_ref is not None and inst_ref.exit_code is not None \
+                        and "exit code" not in why:
                     why = f"{why} (exit code {inst_ref.exit_code})"
-                status, reason = "incomplete", f"{why}; {stats.n_ok + stats.n_failed}/{n_todo} requests finished in this run"
+                died = dog.fired or engine_died
+                tail = _log_tail_text(rt, inst_ref, log_path) if died and inst_ref is not None else ""
+                status, reason = "incomplete", (f"{why}; {stats.n_ok + stats.n_failed}/{n_todo} requests finished "
+                                                f"in this run{tail}")
             elif stats.n_failed:
                 status, reason = "incomplete", f"{stats.n_failed} request(s) failed after retries"
             else:
@@ -418,10 +491,16 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
                 writer.close()
             except Exception as e:  # the DB write failure is the more important message
                 status, reason = "failed", f"DB writer: {e}"
+            if stats is not None and stats.n_failed and not stats.aborted and status == "incomplete":
+                reason = _failed_requests_reason(conn, run_id, stats.n_failed) or reason
             if instance_id is not None and inst_ref is not None:
                 _update_instance(conn, instance_id, inst_ref, reason if status == "failed" else None)
             if reason and status != "completed":
-                _event(conn, run_id, cell_id, "error" if status == "failed" else "warning", f"cell_{status}", reason)
+                try:
+                    _event(conn, run_id, cell_id, "error" if status == "failed" else "warning", f"cell_{status}",
+                           reason)
+                except sqlite3.Error:  # an event row never decides the cell's fate (the reason is in cells/runs)
+                    pass
             n_req, n_ok, n_failed = _finish(conn, cell_id, run_id, status, reason, n_todo, stats, repeats, run_status)
         if interrupted is not None:
             raise interrupted

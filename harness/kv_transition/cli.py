@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -27,15 +29,70 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override one key (repeatable); VALUE is parsed as a YAML scalar")
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+def _load(args: argparse.Namespace, check_db: bool = True) -> tuple[Any, Any]:
+    """The config and its paths; with `check_db`, an existing DB that is damaged, foreign or empty is
+    refused here, before the command writes anything (a manifest, a log, a row)."""
     from kv_transition.config import load_config, resolve_paths
+    from kv_transition.db.core import check_file
+    from kv_transition.errors import ConfigError
 
     cfg = load_config(args.config, args.override)
-    return cfg, resolve_paths(cfg)
+    try:
+        paths = resolve_paths(cfg)
+    except ConfigError as e:  # e.g. db.path outside runs_root: name the file (or the -o it came from)
+        msg = str(e)
+        key = msg.split(":", 1)[0]
+        blame = next((f"-o {o}" for o in reversed(args.override) if o.split("=", 1)[0].strip() == key), args.config)
+        raise ConfigError(f"{blame}: {msg}") from None
+    if check_db and paths.db.exists():
+        check_file(paths.db)
+        from kv_transition.db import connect
+
+        connect(paths.db, readonly=True).close()  # reads the schema: a damaged file fails here, not halfway
+    return cfg, paths
+
+
+_KNOB_FLAGS = (("engine", "--engine"), ("method", "--method"), ("ratio", "--ratio"), ("budget", "--budget"),
+               ("runtime", "--runtime"), ("base_url", "--base-url"))
+
+
+def check_inputs(args: argparse.Namespace, cfg: Any, for_run: bool = False) -> Any:
+    """Everything a run would refuse, refused now (before any engine starts or any row is written):
+    the cell's engine/method/ratio/budget resolve (the CLI's flags through the same rules as the
+    config's kv section) and a local model path exists. → the resolved spec."""
+    from kv_transition.cell import resolve_cell_spec
+    from kv_transition.config.checks import check_model_path
+    from kv_transition.errors import ConfigError
+
+    flags = [f"{flag} {getattr(args, attr)}" for attr, flag in _KNOB_FLAGS if getattr(args, attr, None) is not None]
+    try:
+        spec, _, _ = resolve_cell_spec(cfg, engine=getattr(args, "engine", None), method=getattr(args, "method", None),
+                                       compression_ratio=getattr(args, "ratio", None),
+                                       budget=getattr(args, "budget", None), runtime=getattr(args, "runtime", None),
+                                       base_url=getattr(args, "base_url", None))
+    except ConfigError as e:
+        msg = str(e)
+        if not for_run and msg.startswith("engine.base_url: runtime 'external' needs"):
+            return None  # `kvt run --base-url URL` may still give it
+        if not msg.startswith(("kv.", "engine.", "model.", "set at most")):
+            raise  # already names its file (an engine.yaml)
+        if flags:
+            msg = (msg.replace("set kv.compression_ratio or kv.budget", "add --ratio R or --budget N")
+                   .replace("set kv.compression_ratio)", "add --ratio R)").replace("set kv.budget)", "add --budget N)")
+                   .replace("kv.compression_ratio: ", "--ratio: ").replace("kv.budget: ", "--budget: "))
+            raise ConfigError(f"{' '.join(flags)}: {msg}") from None
+        blame = next((f"-o {o}" for o in reversed(args.override) if o.split("=", 1)[0].strip().startswith(("kv.", "engine."))),
+                     args.config)
+        raise ConfigError(f"{blame}: {msg}") from None
+    rt_cfg = cfg if getattr(args, "runtime", None) is None else cfg.model_copy(
+        update={"engine": cfg.engine.model_copy(update={"runtime": args.runtime})})
+    check_model_path(rt_cfg, args.config, args.override)
+    return spec
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg, paths = _load(args)
+    check_inputs(args, cfg)
     from kv_transition.ui import console
 
     console.print(f"[green]ok[/green] {args.config}: experiment {cfg.experiment.group_id!r}, "
@@ -44,11 +101,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
-    cfg, paths = _load(args)
+    cfg, paths = _load(args, check_db=False)
     out: dict[str, Any] = {"run_dir": str(paths.run_dir), "db": str(paths.db), "dataset_id": paths.dataset_id,
                            "manifest": str(paths.manifest)}
     if args.print_config:
-        out["config"] = cfg.model_dump(mode="json")
+        from kv_transition.config.secrets import masked_config
+
+        out["config"] = masked_config(cfg)
     if args.json or args.print_config:
         print(json.dumps(out, indent=2))
     else:
@@ -59,6 +118,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     cfg, paths = _load(args)
+    check_inputs(args, cfg)
     from kv_transition.prepare import prepare
     from kv_transition.ui import bins_table, console, stage_progress
 
@@ -116,6 +176,21 @@ def _require_db(paths: Any) -> None:
         raise KvtError(f"{paths.db}: no database for this experiment group (run `kvt prepare` / `kvt run` first)")
 
 
+def _require_rows(paths: Any, sql: str, nothing: str) -> None:
+    """Exit 2 with one line when the stage has nothing to work on (instead of an empty result)."""
+    from kv_transition.db import connect
+    from kv_transition.errors import KvtError
+
+    _require_db(paths)
+    conn = connect(paths.db, readonly=True)
+    try:
+        n = int(conn.execute(sql).fetchone()[0])
+    finally:
+        conn.close()
+    if n == 0:
+        raise KvtError(f"{paths.db}: {nothing}")
+
+
 def score_stage(paths: Any, *, force: bool = False, quiet: bool = False) -> Any:
     from kv_transition.db import connect
     from kv_transition.score.store import score_db
@@ -162,7 +237,8 @@ def report_stage(paths: Any) -> Any:
 def cmd_score(args: argparse.Namespace) -> int:
     """Score every recorded response (official LongBench metrics / exact synthetic metrics)."""
     cfg, paths = _load(args)
-    _require_db(paths)
+    _require_rows(paths, "SELECT COUNT(*) FROM responses",
+                  "nothing to score: no recorded responses (run `kvt run` or `kvt matrix run` first)")
     from kv_transition.ui import console
 
     rep = score_stage(paths, force=args.force, quiet=args.quiet)
@@ -173,7 +249,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     cfg, paths = _load(args)
-    _require_db(paths)
+    _require_rows(paths, "SELECT COUNT(*) FROM scores",
+                  "nothing to analyze: no scored responses (run `kvt score` first)")
     from kv_transition.ui import console
 
     res = analyze_stage(cfg, paths)
@@ -185,7 +262,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     cfg, paths = _load(args)
-    _require_db(paths)
+    _require_rows(paths, "SELECT COUNT(*) FROM responses",
+                  "nothing to report: no recorded responses (run `kvt run` / `kvt matrix run`, then `kvt score`)")
     report_stage(paths)
     return 0
 
@@ -195,6 +273,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     full + 3 eviction presses on ONE kvpress engine, a local CPU process on the tiny model) → score →
     analyze → report. Re-running resumes: completed cells and requests are not sent again."""
     cfg, paths = _load(args)
+    check_inputs(args, cfg)
     from kv_transition.matrix.cli import cmd_run as matrix_run
     from kv_transition.prepare import prepare
     from kv_transition.ui import bins_table, console, stage_progress
@@ -217,10 +296,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     """Remove leftover engine containers (by label) and engine process groups (pidfile registry)."""
-    from kv_transition.runtime.cleanup import cleanup
+    from kv_transition.runtime.cleanup import cleanup, close_stale_records, group_dbs
 
     rep = cleanup(group=args.group, runtime=args.runtime, registry_dir=args.registry, dry_run=args.dry_run,
                   force=args.force)
+    if args.config:  # the config's own DB
+        cfg, paths = _load(argparse.Namespace(config=args.config, override=args.override))
+        dbs = [paths.db] if paths.db.is_file() else []
+    else:
+        dbs = group_dbs(Path(args.runs_root).resolve(), args.group)
+    rep.runs, notes = close_stale_records(dbs, dry_run=args.dry_run)
+    rep.skipped.extend(notes)
     for line in rep.skipped:
         sys.stderr.write(f"kvt: note: {line}\n")
     lines = rep.lines()
@@ -247,6 +333,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """One cell: prepare the manifest if missing, start the engine, send the manifest, tear down.
     Exit 0 when the cell is complete, 1 when it failed or is incomplete (re-run to finish it)."""
     cfg, paths = _load(args)
+    check_inputs(args, cfg, for_run=True)  # bad flags / model path: exit 2 before prepare, DB rows or an engine
     from kv_transition.cell import cell_summary, run_cell
     from kv_transition.ui import console, stage_progress
 
@@ -322,6 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-n", "--dry-run", action="store_true", help="list, remove nothing")
     sp.add_argument("--force", action="store_true",
                     help="also remove engines whose harness (a `kvt run` on this host) is still running")
+    sp.add_argument("-c", "--config", help="close stale run records in this config's DB (default: the DBs under "
+                    "--runs-root, only --group's when given)")
+    sp.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="override one key of --config (repeatable)")
+    sp.add_argument("--runs-root", default="runs", help="where the groups' DBs live (default: runs)")
 
     m = sub.add_parser("manifest", help="manifest tools")
     msub = m.add_subparsers(dest="manifest_command", metavar="SUBCOMMAND", parser_class=_Parser)
@@ -355,9 +447,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KvtError as e:
         sys.stderr.write(f"kvt: error: {e}\n")
         return e.exit_code
+    except sqlite3.DatabaseError as e:  # locked past the busy timeout, or damaged mid-command: one line
+        from kv_transition.db.core import LAST_PATH, describe_db_error
+
+        sys.stderr.write(f"kvt: error: {describe_db_error(LAST_PATH[0] if LAST_PATH else 'database', e, mid=True)}\n")
+        return 2
     except KeyboardInterrupt:
         sys.stderr.write("kvt: interrupted\n")
         return 130
+    except BrokenPipeError:  # `kvt … | head`: the reader left; not an error of ours
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
 
 
 if __name__ == "__main__":

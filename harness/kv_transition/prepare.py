@@ -116,7 +116,9 @@ def build_manifest(
 
 
 def record_experiment(conn: Any, cfg: Config) -> None:
-    cfg_json = dumps(cfg.model_dump(mode="json"))
+    from kv_transition.config.secrets import masked_config
+
+    cfg_json = dumps(masked_config(cfg))  # never a secret at rest
     h = "sha256:" + hashlib.sha256(cfg_json.encode()).hexdigest()
     now = utcnow()
     with transaction(conn):

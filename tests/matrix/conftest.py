@@ -60,10 +60,20 @@ def engines_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
+def fake_model_dir() -> Path:
+    """A local model path that exists (kvt refuses a missing one) and is the same for every test root
+    (it is an input of the cell id); the fake engines never read it."""
+    import tempfile
+
+    p = Path(tempfile.gettempdir()) / "kvt-fake-model"
+    p.mkdir(exist_ok=True)
+    return p
+
+
 def base_config(tmp_path: Path, group: str = "mx", **sections: Any) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "experiment": {"group_id": group}, "dataset": {"id": "fakeds"},
-        "model": {"id": "fake-model", "path": "/nonexistent/model"},
+        "model": {"id": "fake-model", "path": str(fake_model_dir())},
         "engine": {"name": "fakekv", "runtime": "process", "device": "cpu", "port": 18400},
         "decoding": {"retry_backoff_s": 0.01, "retry_backoff_max_s": 0.05, "max_retries": 2, "request_timeout_s": 10},
         "telemetry": {"interval_s": 0.1, "nvml": False},

@@ -176,7 +176,10 @@ def test_sigkill_mid_matrix_then_rerun_gives_every_request_once_and_the_same_rep
     assert conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 5 * n
     assert conn.execute("SELECT COUNT(DISTINCT cell_id || '/' || example_id || '/' || repeat) FROM requests").fetchone()[0] == 5 * n
     assert conn.execute("SELECT COUNT(*) FROM cells WHERE status='completed'").fetchone()[0] == 5
-    assert [r[0] for r in conn.execute("SELECT status FROM matrix_runs ORDER BY matrix_run_id")] == ["running", "completed"]
+    # the SIGKILLed matrix run is closed as killed by the next one (never `running` forever), and so are its runs
+    assert [r[0] for r in conn.execute("SELECT status FROM matrix_runs ORDER BY matrix_run_id")] == ["killed", "completed"]
+    assert conn.execute("SELECT COUNT(*) FROM runs WHERE status='running'").fetchone()[0] == 0
+    assert conn.execute("SELECT COUNT(*) FROM engine_instances WHERE stopped_at IS NULL").fetchone()[0] == 0
     conn.close()
     for pid in engines:  # nothing left running
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

@@ -80,7 +80,8 @@ def test_4xx_requests_leave_the_cell_incomplete(cell_env) -> None:
     cfg, paths = cell_env(3)
     res = run_cell(cfg, paths, runtime_impl=SubprocessFakeRuntime(("--fail-every", "2", "--fail-status", "400")))
     assert res.status == "incomplete" and res.n_failed == 1 and res.n_ok == 2
-    assert "1 request(s) failed" in res.reason
+    # says what happened: a 4xx is not retried, and the server's words are in the reason (not only in attempts)
+    assert res.reason.startswith("1 request(s) failed (not retried: the error is not retryable); last error: HTTP 400")
 
 
 def test_cell_id_is_stable_and_ignores_operational_knobs(cell_env) -> None:

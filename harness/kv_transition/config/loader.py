@@ -7,12 +7,13 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from kv_transition.config.schema import Config
+from kv_transition.config.yamlio import read_yaml_mapping
 from kv_transition.errors import ConfigError
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
@@ -83,19 +84,7 @@ def _scalar(text: str) -> Any:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{at}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    return data
+    return read_yaml_mapping(path, "config")
 
 
 def load_layers(path: Path, _depth: int = 0) -> dict[str, Any]:
@@ -115,15 +104,15 @@ def load_layers(path: Path, _depth: int = 0) -> dict[str, Any]:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'a.b.c=value' -> (['a','b','c'], YAML scalar of value)."""
     if "=" not in text:
-        raise ConfigError(f"--override {text!r}: expected KEY.PATH=VALUE")
+        raise ConfigError(f"-o {text}: expected KEY.PATH=VALUE")
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if not key.strip() or any(not p for p in parts):
-        raise ConfigError(f"--override {text!r}: bad key path {key!r}")
+        raise ConfigError(f"-o {text}: bad key path {key!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
-        raise ConfigError(f"--override {text!r}: value is not a valid YAML scalar") from None
+        raise ConfigError(f"-o {text}: value is not a valid YAML scalar") from None
     return parts, value
 
 
@@ -137,7 +126,7 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             if nxt is None:
                 nxt = node[p] = {}
             elif not isinstance(nxt, dict):
-                raise ConfigError(f"--override {text!r}: {'.'.join(parts[: i + 1])} is not a mapping")
+                raise ConfigError(f"-o {text}: {'.'.join(parts[: i + 1])} is not a mapping")
             else:
                 nxt = node[p] = dict(nxt)
             node = nxt
@@ -148,44 +137,93 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> Optional[list[str]]:
     """Field names of the sub-model that `loc` (without its last part) points into."""
     cur: Any = model
+    skip_key = False  # the previous field was a dict[str, Model]: this part is a user key
     for part in loc[:-1]:
         if isinstance(part, int):
+            continue
+        if skip_key:
+            skip_key = False
             continue
         field = getattr(cur, "model_fields", {}).get(part)
         if field is None:
             return None
-        ann = field.annotation
-        # unwrap Optional[...] / list[...] to a BaseModel when present
-        for cand in (ann, *getattr(ann, "__args__", ())):
-            if isinstance(cand, type) and issubclass(cand, BaseModel):
-                cur = cand
-                break
-        else:
+        nxt = _model_in(field.annotation)
+        if nxt is None:
             return None
+        skip_key = _is_dict(field.annotation)
+        cur = nxt
     return list(getattr(cur, "model_fields", {}).keys())
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    e = err.errors()[0]
+def _is_dict(ann: Any) -> bool:
+    import typing
+
+    if typing.get_origin(ann) is dict:
+        return True
+    return any(_is_dict(a) for a in typing.get_args(ann) if typing.get_origin(a) is not list)
+
+
+def _model_in(ann: Any) -> Optional[type[BaseModel]]:
+    """The BaseModel inside Optional[...] / list[...] / dict[str, ...] / Union[...], if any."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for a in getattr(ann, "__args__", ()) or ():
+        m = _model_in(a)
+        if m is not None:
+            return m
+    return None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "none"}
+
+
+def _is_model_type_tag(part: Any) -> bool:
+    """pydantic puts the union member's type in the location (`list[str]`, `float`, …): not a key."""
+    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS)
+
+
+def dotted_loc(loc: tuple[Any, ...]) -> str:
+    parts = [p for p in loc if not _is_model_type_tag(p)]
+    return ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in parts).replace(".[", "[")
+
+
+def _blame(loc: tuple[Any, ...], overrides: Sequence[tuple[list[str], str]]) -> Optional[str]:
+    """The `-o` override a validation error at `loc` came from (the last one touching that key)."""
+    keys = [str(p) for p in loc if not isinstance(p, int) and not _is_model_type_tag(p)]
+    for parts, text in reversed(list(overrides)):
+        n = min(len(parts), len(keys))
+        if n and parts[:n] == keys[:n]:
+            return f"-o {text}"
+    return None
+
+
+def format_validation_error(err: ValidationError, source: str, model: type[BaseModel] = Config,
+                            overrides: Sequence[tuple[list[str], str]] = ()) -> str:
+    """ONE line: `<file or -o override>: <key path>: <problem> (<suggestion>)`. An unknown key is
+    reported first (a misspelt key also makes the real one 'missing')."""
+    # an unknown key first; then the deepest location (of a union, the member that got furthest)
+    errors = sorted(err.errors(), key=lambda x: (x["type"] != "extra_forbidden", -len(x["loc"])))
+    e = errors[0]
     loc = tuple(e["loc"])
-    dotted = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc).replace(".[", "[")
+    dotted = dotted_loc(loc)
     if e["type"] == "extra_forbidden":
-        valid = _fields_at(Config, loc) or []
-        near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        clean = tuple(p for p in loc if not _is_model_type_tag(p))
+        valid = _fields_at(model, clean) or []
+        near = difflib.get_close_matches(str(clean[-1]), valid, n=1, cutoff=0.5)
         hint = f" (did you mean '{near[0]}'?)" if near else (f" (valid: {', '.join(valid)})" if valid else "")
         msg = f"unknown key{hint}"
     elif e["type"] == "missing":
         msg = "required key is missing"
     else:
-        msg = e["msg"]
+        msg = str(e["msg"]).splitlines()[0]
         if e["type"] not in ("value_error", "assertion_error") and "input" in e and not isinstance(
             e["input"], (dict, list)
         ):
             msg += f" (got {e['input']!r})"
-        msg = msg.replace("Value error, ", "")
+        msg = msg.replace("Value error, ", "").replace("Assertion failed, ", "")
     more = len(err.errors()) - 1
     tail = f" [+{more} more error{'s' if more > 1 else ''}]" if more else ""
-    return f"{source}: {dotted or '<root>'}: {msg}{tail}"
+    return f"{_blame(loc, overrides) or source}: {dotted or '<root>'}: {msg}{tail}"
 
 
 def load_config(
@@ -203,8 +241,10 @@ def load_config(
     else:
         merged_env = dict(env)
     data = interpolate(data, merged_env, "", str(p))
-    data = apply_overrides(data, list(overrides))
+    overrides = list(overrides)
+    data = apply_overrides(data, overrides)
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, str(p))) from None
+        parsed = [(parse_override(t)[0], t) for t in overrides]
+        raise ConfigError(format_validation_error(err, str(p), overrides=parsed)) from None

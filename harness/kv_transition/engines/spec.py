@@ -8,7 +8,6 @@ loaded model serves many methods/budgets).
 from __future__ import annotations
 
 import copy
-import re
 import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,9 +16,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kv_transition.config.secrets import SECRET_ENV, mask_env  # noqa: F401 - SECRET_ENV re-exported
 from kv_transition.errors import ConfigError
-
-SECRET_ENV = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD)", re.I)
 
 
 def engines_root() -> Path:
@@ -176,7 +174,7 @@ class ResolvedSpec:
                          ",".join(map(str, self.gpus))])
 
     def masked_env(self) -> dict[str, str]:
-        return {k: ("***" if SECRET_ENV.search(k) and v else v) for k, v in self.env.items()}
+        return mask_env(self.env)
 
     def to_dict(self, mask: bool = True) -> dict[str, Any]:
         d = asdict(self)

@@ -33,7 +33,27 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Optional[Path], Opt
     matrix = load_matrix(args.matrix)
     lp = _lock_path(args)
     lock = read_lock(lp)
-    return cfg, matrix, expand(cfg, matrix, lock), lp, lock
+    exp = expand(cfg, matrix, lock)
+    check_model_paths(exp, args)
+    return cfg, matrix, exp, lp, lock
+
+
+def check_model_paths(exp: Any, args: argparse.Namespace) -> None:
+    """Every cell's local model path exists (before any manifest, row or engine)."""
+    from kv_transition.config.checks import check_model_path
+
+    in_matrix = {m.id for m in exp.matrix.models if m.path}
+    seen: set[tuple[str, str]] = set()
+    for c in exp.cells:
+        key = (c.cfg.model.path or "", c.runtime)
+        if key in seen:
+            continue
+        seen.add(key)
+        rcfg = c.cfg.model_copy(update={"engine": c.cfg.engine.model_copy(update={"runtime": c.runtime})})
+        if c.model in in_matrix:
+            check_model_path(rcfg, f"{exp.matrix.source}: models[{c.model}]")
+        else:
+            check_model_path(rcfg, args.config, args.override)
 
 
 def _inventory(args: argparse.Namespace) -> Any:

@@ -13,13 +13,16 @@ baseline groups come first in the schedule.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from kv_transition.cell import cell_id_for, cell_inputs, resolve_cell_spec
-from kv_transition.config.loader import deep_merge
+from pydantic import ValidationError
+
+from kv_transition.config.loader import deep_merge, format_validation_error
 from kv_transition.config.paths import dataset_id_for
 from kv_transition.config.schema import Config
 from kv_transition.engines.spec import ResolvedSpec, load_engine
@@ -136,8 +139,9 @@ def cell_config(cfg: Config, matrix: MatrixFile, model: ModelEntry, engine: str,
         raw["decoding"]["repeats"] = matrix.repeats
     try:
         return Config.model_validate(raw)
-    except Exception as e:  # noqa: BLE001 - a matrix entry produced an invalid config
-        raise ConfigError(f"matrix {matrix.name}: {engine}/{method} on {model.id}: {e}") from None
+    except ValidationError as e:  # a matrix entry produced an invalid config
+        one = format_validation_error(e, matrix.source).split(": ", 1)[1]
+        raise ConfigError(f"{matrix.source}: engines.{engine}.methods.{method} (on {model.id}): config {one}") from None
 
 
 def lock_entry(lock: Optional[dict[str, Any]], spec: ResolvedSpec) -> Optional[str]:
@@ -156,9 +160,12 @@ def expand(cfg: Config, matrix: MatrixFile, lock: Optional[dict[str, Any]] = Non
         for engine, ee in matrix.engines.items():
             eng = load_engine(engine)
             for method, me in ee.method_entries():
+                where = f"{matrix.source}: engines.{engine}.methods.{method}"
                 if method not in eng.methods:
-                    raise ConfigError(f"matrix {matrix.name}: engines.{engine}.methods: {engine!r} has no method "
-                                      f"{method!r} (known: {', '.join(eng.methods)})")
+                    near = difflib.get_close_matches(method, list(eng.methods), n=1, cutoff=0.5)
+                    hint = f"did you mean '{near[0]}'? " if near else ""
+                    raise ConfigError(f"{where}: {engine!r} has no method {method!r} ({hint}known: "
+                                      f"{', '.join(eng.methods)})")
                 md = eng.methods[method]
                 if me.compression_ratios is not None or me.budgets is not None:  # the method's own lists win
                     ratios, budgets = list(me.compression_ratios or []), list(me.budgets or [])
@@ -167,6 +174,14 @@ def expand(cfg: Config, matrix: MatrixFile, lock: Optional[dict[str, Any]] = Non
                     budgets = ee.budgets if "budget" in md.supports else []
                 combos: list[tuple[Optional[float], Optional[int]]] = (
                     [(r, None) for r in ratios] + [(None, b) for b in budgets]) or [(None, None)]
+                for knob, given in (("compression_ratio", ratios), ("budget", budgets)):
+                    if given and knob not in md.supports:
+                        takes = f"it takes only a {' or a '.join(md.supports)}" if md.supports else "it takes none"
+                        raise ConfigError(f"{where}: {engine}/{method} does not take a {knob} "
+                                          f"({takes}; drop its {knob}s)")
+                if combos == [(None, None)] and md.supports and not md.baseline:
+                    raise ConfigError(f"{where}: {engine}/{method} needs a compression ratio or a budget "
+                                      f"(add compression_ratios: or budgets: to engines.{engine} or to the method)")
                 for ratio, budget in combos:
                     if _excluded(matrix, model.id, engine, method, ratio, budget):
                         excluded += 1
@@ -174,8 +189,11 @@ def expand(cfg: Config, matrix: MatrixFile, lock: Optional[dict[str, Any]] = Non
                     knobs = _merged_knobs(matrix, engine, model, method, ratio, budget)
                     ccfg = cell_config(cfg, matrix, model, engine, method, ratio, budget, knobs, me.params)
                     tp = knobs.tp or 1
-                    spec0, rt, _ = resolve_cell_spec(ccfg, engine=engine, method=method, compression_ratio=ratio,
-                                                     budget=budget, tensor_parallel=tp)
+                    try:
+                        spec0, rt, _ = resolve_cell_spec(ccfg, engine=engine, method=method,
+                                                         compression_ratio=ratio, budget=budget, tensor_parallel=tp)
+                    except ConfigError as e:
+                        raise ConfigError(f"{where} (on {model.id}): {e}") from None
                     locked = lock_entry(lock, spec0)
                     digest = locked if (rt == "docker" and locked and locked.startswith("sha256:")) else None
                     spec = spec0
@@ -185,7 +203,7 @@ def expand(cfg: Config, matrix: MatrixFile, lock: Optional[dict[str, Any]] = Non
                     dsid = dataset_id_for(ccfg)
                     cid = cell_id_for(cell_inputs(ccfg, spec, dsid))
                     if cid in seen:
-                        raise ConfigError(f"matrix {matrix.name}: {engine}/{method} on {model.id} appears twice "
+                        raise ConfigError(f"{where}: {engine}/{method} on {model.id} appears twice "
                                           f"(cell {cid})")
                     seen.add(cid)
                     cells.append(MatrixCell(cid, model.id, engine, method, ratio, budget, md.baseline, rt, tp, ccfg,

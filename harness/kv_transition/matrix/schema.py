@@ -28,8 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from kv_transition.config.schema import SAFE_ID, TokenizerCfg
 from kv_transition.errors import ConfigError
@@ -64,14 +63,14 @@ class MethodEntry(_Strict):
     @classmethod
     def _ratios(cls, v: Optional[list[float]]) -> Optional[list[float]]:
         if v is not None and any(not 0.0 <= x < 1.0 for x in v):
-            raise ValueError("compression ratios must lie in [0, 1)")
+            raise ValueError(f"compression ratios must lie in [0, 1) (got {v})")
         return v
 
     @field_validator("budgets")
     @classmethod
     def _budgets(cls, v: Optional[list[int]]) -> Optional[list[int]]:
         if v is not None and any(x <= 0 for x in v):
-            raise ValueError("budgets must be positive token counts")
+            raise ValueError(f"budgets must be positive token counts (got {v})")
         return v
 
 
@@ -84,7 +83,14 @@ class EngineEntry(Knobs):
     @classmethod
     def _ratios(cls, v: list[float]) -> list[float]:
         if any(not 0.0 <= x < 1.0 for x in v):
-            raise ValueError("compression ratios must lie in [0, 1)")
+            raise ValueError(f"compression ratios must lie in [0, 1) (got {v})")
+        return v
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v: list[int]) -> list[int]:
+        if any(x <= 0 for x in v):
+            raise ValueError(f"budgets must be positive token counts (got {v})")
         return v
 
     def method_entries(self) -> list[tuple[str, MethodEntry]]:
@@ -143,6 +149,12 @@ class MatrixFile(_Strict):
     engines: dict[str, EngineEntry]
     exclude: list[Match] = Field(default_factory=list)
     overrides: list[Override] = Field(default_factory=list)
+    _source: Optional[str] = PrivateAttr(default=None)  # the file it was read from (for error messages)
+
+    @property
+    def source(self) -> str:
+        """What error messages name: the matrix file, or `matrix <name>` for one built in code."""
+        return self._source or f"matrix {self.name}"
 
     @field_validator("name")
     @classmethod
@@ -162,25 +174,19 @@ class MatrixFile(_Strict):
 
 
 def load_matrix(path: str | Path) -> MatrixFile:
+    """Read and validate a matrix file; every error is one line naming the file and the key path."""
+    from kv_transition.config.loader import format_validation_error, interpolate
+    from kv_transition.config.yamlio import read_yaml_mapping
+
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: matrix file not found")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: top level must be a mapping")
+    data = read_yaml_mapping(p, "matrix")
     data.setdefault("name", p.name.split(".")[0])
     import os
 
-    from kv_transition.config.loader import interpolate
-
     data = interpolate(data, dict(os.environ), "", str(p))  # ${VAR} / ${VAR:-default}, as in configs
     try:
-        return MatrixFile.model_validate(data)
+        m = MatrixFile.model_validate(data)
     except ValidationError as err:
-        e = err.errors()[0]
-        loc = ".".join(str(x) for x in e["loc"])
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].replace("Value error, ", "")
-        raise ConfigError(f"{p}: {loc or '<root>'}: {msg}") from None
+        raise ConfigError(format_validation_error(err, str(p), model=MatrixFile)) from None
+    m._source = str(p)
+    return m
