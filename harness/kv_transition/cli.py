@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("datasets", help="dataset tools")
     dsub = d.add_subparsers(dest="datasets_command", metavar="SUBCOMMAND", parser_class=_Parser)
     dsub.required = True
-    dl = dsub.add_parser("list", help="list the LongBench (+ LongBench-E) and synthetic tasks")
+    dl = dsub.add_parser("list", help="list the LongBench (+ LongBench-E), LongBench v2 and synthetic tasks")
     dl.add_argument("--json", action="store_true")
     dl.set_defaults(func=cmd_datasets_list)
 

@@ -537,8 +537,8 @@ def _load_zip_source(cfg: LongBenchCfg, data_root: Path) -> dict[str, list[Examp
             raise DataError(f"{zpath}: sha256 {sha256_file(zpath)} is not the {cfg.sha256} pinned by "
                             "dataset.longbench.sha256")
     st = zpath.stat()
-    key = hashlib.sha256(f"{zpath.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    extract_root = raw / "extracted" / key
+    extract_key = hashlib.sha256(f"{zpath.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    extract_root = raw / "extracted" / extract_key
     out: dict[str, list[Example]] = {}
     try:
         with zipfile.ZipFile(zpath) as zf:
