@@ -190,3 +190,35 @@ def test_prepare_kvpress_mirror_end_to_end(project, smol_tokenizer, closed_port_
     assert {e["max_new_tokens"] for e in by_task["trec"]} == {84}
     assert {e["max_new_tokens"] for e in by_task["hotpotqa"]} == {52}
     assert by_task["trec"][0]["prompt"].endswith("Type:")
+
+
+@pytest.mark.parametrize("source, repo, key", [("kvpress", "Xnhyacinth/LongBench", "kvpress_repo"),
+                                               ("parquet", "zai-org/LongBench", "parquet_repo")])
+def test_hub_unreachable_one_line_with_alternatives_nothing_left(data_root, monkeypatch, source, repo, key):
+    import huggingface_hub
+
+    def offline(*a, **kw):  # TEST DOUBLE: what the Hub client raises without a network, after making its dirs
+        Path(kw["local_dir"], ".cache").mkdir(parents=True, exist_ok=True)
+        raise OSError("[Errno 101] Network is unreachable\n(more detail)")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(DataError) as ei:
+        lb.load_longbench(LongBenchCfg(source=source), data_root)
+    msg = str(ei.value)
+    assert "\n" not in msg and repo in msg and f"dataset.longbench.{key}" in msg and "alternatives" in msg
+    assert "dataset.longbench.path" in msg and "data.zip" in msg
+    assert list(data_root.iterdir()) == []
+
+
+def test_answer_prefix_survives_middle_truncation(smol_tokenizer):
+    from kv_transition.datasets.schema import Example
+    from kv_transition.prompts import PromptBuilder, PromptSpec
+
+    ex = Example("e", "Question: which river?\n", "Read.\n\n" + "The river flows past the old mill. " * 300, ["x"],
+                 {"task": "hotpotqa"})
+    spec = PromptSpec("{context}{input}", 52, chat=True, answer_prefix="Answer:")
+    bp = PromptBuilder(smol_tokenizer, max_context=512).build(ex, spec)
+    assert bp.truncated and bp.final_tokens <= 512 - 52
+    assert bp.final_tokens == len(smol_tokenizer.encode(bp.prompt, add_special_tokens=False))
+    assert bp.prompt.endswith(smol_tokenizer.chat("x")[smol_tokenizer.chat("x").index("x") + 1:] + "Answer:")
+    assert bp.prompt[bp.question_start:].startswith("Question: which river?")

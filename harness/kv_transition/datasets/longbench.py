@@ -403,6 +403,16 @@ def _hub_cache(cache: Path) -> Iterator[None]:
             setattr(constants, k, v)
 
 
+def _topmost_missing(path: Path) -> Optional[Path]:
+    """The outermost directory of ``path`` that does not exist yet (None if ``path`` exists)."""
+    if path.exists():
+        return None
+    top = path
+    while not top.parent.exists():
+        top = top.parent
+    return top
+
+
 def _hub_snapshot(
     repo: str, revision: Optional[str], tasks: list[str], split: str, data_root: Path, keys: str = "parquet"
 ) -> Path:
@@ -418,8 +428,9 @@ def _hub_snapshot(
     from huggingface_hub import snapshot_download
 
     patterns = [p.format(task=t, split=split) for t in wanted for _, p in PARQUET_LAYOUTS]
+    hub_cache = _raw_dir(data_root) / "hf" / "hub"
+    fresh = {_topmost_missing(d) for d in (local, hub_cache)} - {None}
     try:
-        hub_cache = _raw_dir(data_root) / "hf" / "hub"
         with _hub_cache(hub_cache):
             snapshot_download(
                 repo_id=repo,
@@ -430,6 +441,8 @@ def _hub_snapshot(
                 cache_dir=str(hub_cache),
             )
     except Exception as e:
+        for d in sorted(fresh, key=lambda x: len(x.parts)):  # what this call created, nothing older
+            shutil.rmtree(d, ignore_errors=True)
         raise DataError(
             f"cannot download LongBench parquet files for {', '.join(wanted)} from the Hub "
             f"(dataset.longbench.{keys}_repo={repo!r}, {keys}_revision={rev!r}): "
