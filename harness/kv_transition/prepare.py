@@ -64,7 +64,7 @@ def prompt_specs(cfg: Config, paths: Paths, examples: Sequence[Example]) -> dict
         if not budgets and override is None:
             raise DataError(f"kvpress LongBench task {t!r}: no max_new_tokens column; set decoding.max_new_tokens")
         specs[t] = PromptSpec(template="{context}{input}", max_new_tokens=override or max(budgets), chat=True,
-                              answer_prefix=prefixes.pop())
+                              answer_prefix=prefixes.pop(), question_after_template=True)
     official = [t for t in tasks if t not in specs]
     if official:
         d2p, d2m = longbench.load_prompt_config(cfg.dataset.longbench.prompt_config, paths.data_root)

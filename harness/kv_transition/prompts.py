@@ -11,6 +11,7 @@ from kv_transition.errors import DataError
 from kv_transition.tokens import Tokenizer
 
 _MAX_FIT_ROUNDS = 16
+_QUESTION_MARK = "\ue000kvt-question\ue000"  # a private-use sentinel where the question goes
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,10 @@ class PromptSpec:
     # text after the (chat-templated) prompt, where the model's answer starts (kvpress's answer_prefix,
     # placed after the assistant header); never truncated
     answer_prefix: str = ""
+    # kvpress's placement (KVPressTextGenerationPipeline.preprocess): the chat template is applied to the
+    # context alone and the question is put, untouched, where the user turn's content ends — so a
+    # template that trims its content (Llama 3's `| trim`) trims the context's edges, never the question's
+    question_after_template: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,16 @@ class PromptBuilder:
         self.max_context = max_context
         self.use_chat = use_chat and tokenizer.has_chat_template
 
-    def _final(self, raw: str, chat: bool, answer_prefix: str = "") -> str:
+    def _final(self, raw: str, chat: bool, answer_prefix: str = "", question: Optional[str] = None) -> str:
+        if chat and question and raw.endswith(question):
+            context = raw[: len(raw) - len(question)]
+            marker = _QUESTION_MARK
+            while marker in context:
+                marker += _QUESTION_MARK
+            templated = self.tok.chat(context + marker)
+            if templated.count(marker) == 1:
+                head, tail = templated.split(marker)
+                return head + question + tail + answer_prefix
         return (self.tok.chat(raw) if chat else raw) + answer_prefix
 
     def _count(self, text: str, chat: bool) -> int:
@@ -84,12 +98,13 @@ class PromptBuilder:
                 f"task {ex.task}: max_new_tokens {spec.max_new_tokens} leaves no room in max_context {self.max_context}"
             )
         raw = fill(spec.template, ex)
-        prompt = self._final(raw, chat, spec.answer_prefix)
+        question = ex.question if spec.question_after_template else None
+        prompt = self._final(raw, chat, spec.answer_prefix, question)
         n = counted if counted is not None else self._count(prompt, chat)
         original = n
         truncated = False
         if n > limit:
-            prompt, n = self._truncate(raw, chat, n, limit, ex, spec.answer_prefix)
+            prompt, n = self._truncate(raw, chat, n, limit, ex, spec.answer_prefix, question)
             truncated = True
         suffix = _post_context_suffix(spec.template, ex)
         qs = prompt.rfind(suffix) if suffix.strip() else -1
@@ -105,7 +120,8 @@ class PromptBuilder:
         )
 
     def _truncate(
-        self, raw: str, chat: bool, n_full: int, limit: int, ex: Example, answer_prefix: str = ""
+        self, raw: str, chat: bool, n_full: int, limit: int, ex: Example, answer_prefix: str = "",
+        question: Optional[str] = None,
     ) -> tuple[str, int]:
         ids = self.tok.encode(raw, add_special_tokens=not chat)
         overhead = n_full - len(ids)  # chat template tokens (and the answer prefix) around the raw prompt
@@ -116,7 +132,7 @@ class PromptBuilder:
             head = keep // 2
             tail = keep - head
             raw2 = self.tok.decode(ids[:head]) + self.tok.decode(ids[len(ids) - tail:])
-            prompt = self._final(raw2, chat, answer_prefix)
+            prompt = self._final(raw2, chat, answer_prefix, question)
             n = self._count(prompt, chat)
             if n <= limit:
                 return prompt, n
@@ -130,7 +146,8 @@ class PromptBuilder:
         for ex in examples:
             spec = self.spec_for(ex, specs)
             chat = spec.chat and self.use_chat
-            finals.append(self._final(fill(spec.template, ex), chat, spec.answer_prefix))
+            finals.append(self._final(fill(spec.template, ex), chat, spec.answer_prefix,
+                                      ex.question if spec.question_after_template else None))
             chats.append(chat)
         counts = [0] * len(finals)
         for flag in (True, False):

@@ -222,3 +222,30 @@ def test_answer_prefix_survives_middle_truncation(smol_tokenizer):
     assert bp.final_tokens == len(smol_tokenizer.encode(bp.prompt, add_special_tokens=False))
     assert bp.prompt.endswith(smol_tokenizer.chat("x")[smol_tokenizer.chat("x").index("x") + 1:] + "Answer:")
     assert bp.prompt[bp.question_start:].startswith("Question: which river?")
+
+
+def test_kvpress_question_goes_after_a_trimming_chat_template(smol_tokenizer):
+    """kvpress applies the template to the context alone and appends the question untouched: with a
+    template that trims its content (as Llama 3's does) the question's trailing newline survives."""
+    import copy
+    from dataclasses import replace
+
+    from kv_transition.datasets.schema import Example
+    from kv_transition.prompts import PromptBuilder, PromptSpec
+
+    hf = copy.deepcopy(smol_tokenizer._hf)
+    hf.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
+                        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    trimming = replace(smol_tokenizer, _hf=hf, _chunk_counts={})  # TEST DOUBLE: SmolLM2's vocab, a trimming template
+    row = kvpress_row("hotpotqa", 0)
+    ex = Example("e", row["question"], "  " + row["context"], row["answers"], {"task": "hotpotqa"})
+    spec = PromptSpec("{context}{input}", 52, chat=True, answer_prefix="Answer:", question_after_template=True)
+    bp = PromptBuilder(trimming, max_context=4096).build(ex, spec)
+    assert bp.prompt == ("<|im_start|>user\n" + row["context"] + row["question"]  # only the leading blanks trimmed
+                         + "<|im_end|>\n<|im_start|>assistant\nAnswer:")
+    assert row["question"].endswith("\n") and bp.prompt != trimming.chat(ex.context + ex.question) + "Answer:"
+    assert bp.prompt[bp.question_start:].startswith(row["question"])
+    assert bp.final_tokens == len(trimming.encode(bp.prompt))
+    small = PromptBuilder(trimming, max_context=200).build(ex, spec)  # truncated: same placement
+    assert small.truncated and small.prompt.endswith(row["question"] + "<|im_end|>\n<|im_start|>assistant\nAnswer:")
+    assert small.final_tokens <= 200 - 52
