@@ -84,10 +84,10 @@ def _provenance(cfg: Config, paths: Paths) -> list[dict[str, Any]]:
     return provenance(cfg.dataset, paths.data_root)
 
 
-def load_examples(cfg: Config, paths: Paths, tok: Tokenizer) -> list[Example]:
+def load_examples(cfg: Config, paths: Paths, tok: Tokenizer, progress: Progress = _noop) -> list[Example]:
     from kv_transition.datasets import load_examples as _load
 
-    return _load(cfg.dataset, paths.data_root, tok.count)
+    return _load(cfg.dataset, paths.data_root, tok.count, progress)
 
 
 @dataclass
@@ -169,7 +169,7 @@ def prepare(cfg: Config, paths: Paths, progress: Progress = _noop, tok: Optional
     progress("tokenizer", 0, None)
     tok = tok or load_tokenizer(cfg.model.tokenizer, paths.tokenizer_cache)
     progress("load", 0, None)
-    examples = load_examples(cfg, paths, tok)
+    examples = load_examples(cfg, paths, tok, progress)
     manifest = build_manifest(cfg, paths, tok, examples, progress)
     # the file first (atomic rename), then the DB in one transaction: both or a clear error
     write_json(manifest, paths.manifest)

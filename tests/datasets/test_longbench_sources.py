@@ -41,8 +41,11 @@ def test_zip_url_downloaded_once_with_checksum_recorded(tmp_path, data_root, ser
     base, hits = serve_dir(www)
     url = f"{base}/datasets/THUDM/LongBench/resolve/main/data.zip"
     c = LongBenchCfg(tasks=["hotpotqa", "trec"], url=url)
-    first = lb.load_longbench(c, data_root)
+    events = []
+    first = lb.load_longbench(c, data_root, progress=lambda *e: events.append(e))
     assert len(first) == 5 and hits == ["/datasets/THUDM/LongBench/resolve/main/data.zip"]
+    size = z.stat().st_size  # a progress bar of the bytes: total from Content-Length, then the chunks
+    assert events[0] == ("download data.zip", 0, size) and sum(e[1] for e in events) == size
     dest = lb.zip_download_path(url, data_root)
     assert dest.is_relative_to(data_root / "raw" / "longbench" / "zip")
     assert dest.read_bytes() == z.read_bytes()

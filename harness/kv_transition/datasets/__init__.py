@@ -9,17 +9,21 @@ actually read).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from kv_transition.datasets.schema import Example, stable_id
 
 __all__ = ["Example", "stable_id", "load_examples", "list_tasks", "provenance"]
 
 
-def load_examples(dataset_cfg: Any, data_root: Path, count_tokens: Callable[[str], int]) -> list[Example]:
+def load_examples(
+    dataset_cfg: Any, data_root: Path, count_tokens: Callable[[str], int],
+    progress: Optional[Callable[[str, int, Optional[int]], None]] = None,
+) -> list[Example]:
     """Load or generate the examples of a ``DatasetCfg``, dispatching on ``dataset_cfg.source``.
 
     ``count_tokens`` (the model tokenizer's count) sizes synthetic contexts; LongBench ignores it.
+    ``progress`` (stage, advance, total) sees the bytes of a first download.
     """
     from kv_transition.errors import DataError
 
@@ -30,11 +34,11 @@ def load_examples(dataset_cfg: Any, data_root: Path, count_tokens: Callable[[str
     if dataset_cfg.source == "longbench":
         from kv_transition.datasets.longbench import load_longbench
 
-        return load_longbench(dataset_cfg.longbench, Path(data_root))
+        return load_longbench(dataset_cfg.longbench, Path(data_root), progress)
     if dataset_cfg.source == "longbench_v2":
         from kv_transition.datasets.longbench_v2 import load_longbench_v2
 
-        return load_longbench_v2(dataset_cfg.longbench_v2, Path(data_root))
+        return load_longbench_v2(dataset_cfg.longbench_v2, Path(data_root), progress)
     raise DataError(f"unknown dataset.source {dataset_cfg.source!r} (valid: synthetic, longbench, longbench_v2)")
 
 

@@ -18,7 +18,9 @@ import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+Progress = Callable[[str, int, Optional[int]], None]  # (stage, advance, total), as kvt prepare's
 
 from kv_transition.errors import DataError
 
@@ -75,12 +77,14 @@ def _write_record(dest: Path, rec: dict[str, Any]) -> None:
 
 
 def fetch_once(
-    url: str, dest: Path, *, key: str, alternatives: str, expected: Optional[str] = None, timeout: float = 60.0
+    url: str, dest: Path, *, key: str, alternatives: str, expected: Optional[str] = None, timeout: float = 60.0,
+    progress: Optional[Progress] = None,
 ) -> Path:
     """``dest``, downloaded from ``url`` if it is not there yet; its sha256 recorded and checked.
 
     ``key`` names the config key that set ``url`` (for the error line); ``alternatives`` says what
-    else the user can do when the URL cannot be reached.
+    else the user can do when the URL cannot be reached. ``progress`` gets the bytes as they arrive
+    (stage ``download <file name>``, total from Content-Length when the server sends one).
     """
     if dest.is_file():
         _check(dest, url, key, expected)
@@ -100,10 +104,16 @@ def fetch_once(
         size = 0
         with os.fdopen(fd, "wb") as fh, httpx.stream("GET", url, follow_redirects=True, timeout=timeout) as r:
             r.raise_for_status()
+            stage = f"download {dest.name}"
+            length = r.headers.get("content-length")
+            if progress is not None:
+                progress(stage, 0, int(length) if length and length.isdigit() else None)
             for chunk in r.iter_bytes(_CHUNK):
                 fh.write(chunk)
                 h.update(chunk)
                 size += len(chunk)
+                if progress is not None:
+                    progress(stage, len(chunk), None)
         digest = h.hexdigest()
         if expected is not None and digest != expected:
             raise DataError(

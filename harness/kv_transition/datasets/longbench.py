@@ -48,7 +48,7 @@ from urllib.parse import quote
 
 from kv_transition.config.schema import LongBenchCfg, PromptConfigSource
 from kv_transition.config.schema import LONGBENCH_ZIP_URL
-from kv_transition.datasets.download import fetch_once, recorded, sha256_file
+from kv_transition.datasets.download import Progress, fetch_once, recorded, sha256_file
 from kv_transition.datasets.schema import Example, stable_id
 from kv_transition.errors import DataError
 
@@ -536,12 +536,12 @@ def _zip_location(cfg: LongBenchCfg) -> tuple[str, str]:
     return cfg.url, "dataset.longbench.url"
 
 
-def _load_zip_source(cfg: LongBenchCfg, data_root: Path) -> dict[str, list[Example]]:
+def _load_zip_source(cfg: LongBenchCfg, data_root: Path, progress: Optional[Progress] = None) -> dict[str, list[Example]]:
     raw = _raw_dir(data_root)
     where, key = _zip_location(cfg)
     if where.startswith(("http://", "https://")):
         zpath = fetch_once(where, zip_download_path(where, data_root), key=key,
-                           alternatives=_alternatives("zip"), expected=cfg.sha256)
+                           alternatives=_alternatives("zip"), expected=cfg.sha256, progress=progress)
     else:
         zpath = Path(where)
         if not zpath.is_file():
@@ -604,7 +604,7 @@ def _load_jsonl_source(cfg: LongBenchCfg) -> dict[str, list[Example]]:
     return out
 
 
-def load_longbench(cfg: LongBenchCfg, data_root: Path) -> list[Example]:
+def load_longbench(cfg: LongBenchCfg, data_root: Path, progress: Optional[Progress] = None) -> list[Example]:
     """Load the configured LongBench tasks as canonical examples (task order, then record order).
 
     ``cfg.limit`` keeps the first N records of each task. Raises DataError for unknown tasks,
@@ -620,7 +620,7 @@ def load_longbench(cfg: LongBenchCfg, data_root: Path) -> list[Example]:
     if cfg.source == "parquet":
         by_task = _load_parquet_source(cfg, data_root)
     elif cfg.source == "zip":
-        by_task = _load_zip_source(cfg, data_root)
+        by_task = _load_zip_source(cfg, data_root, progress)
     elif cfg.source == "kvpress":
         by_task = _load_kvpress_source(cfg, data_root)
     elif cfg.source == "dir":

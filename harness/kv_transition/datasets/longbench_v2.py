@@ -25,10 +25,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from kv_transition.config.schema import LONGBENCH_V2_URL, LongBenchV2Cfg, LongBenchV2PromptSource
-from kv_transition.datasets.download import fetch_once, recorded, sha256_file
+from kv_transition.datasets.download import Progress, fetch_once, recorded, sha256_file
 from kv_transition.datasets.schema import Example, stable_id
 from kv_transition.errors import DataError
 
@@ -132,7 +132,7 @@ def _iter_records(path: Path) -> Iterator[tuple[str, Any]]:
             raise DataError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
 
 
-def _data_file(cfg: LongBenchV2Cfg, data_root: Path) -> Path:
+def _data_file(cfg: LongBenchV2Cfg, data_root: Path, progress: Optional[Progress] = None) -> Path:
     if cfg.path:
         p = Path(cfg.path)
         if not p.is_file():
@@ -144,14 +144,14 @@ def _data_file(cfg: LongBenchV2Cfg, data_root: Path) -> Path:
     alternatives = ("alternatives: set dataset.longbench_v2.path to a local data.json (from " + LONGBENCH_V2_URL
                     + ", or the THUDM/LongBench-v2 dataset repo), or dataset.longbench_v2.url to a reachable mirror")
     return fetch_once(cfg.url, download_path(cfg.url, data_root), key="dataset.longbench_v2.url",
-                      alternatives=alternatives, expected=cfg.sha256)
+                      alternatives=alternatives, expected=cfg.sha256, progress=progress)
 
 
-def load_longbench_v2(cfg: LongBenchV2Cfg, data_root: Path) -> list[Example]:
+def load_longbench_v2(cfg: LongBenchV2Cfg, data_root: Path, progress: Optional[Progress] = None) -> list[Example]:
     """The configured LongBench v2 examples in file order, filtered by domain / length split /
     difficulty, then the first ``limit``. DataError on a malformed record, a duplicate ``_id``, an
     unknown filter value or an empty selection."""
-    path = _data_file(cfg, Path(data_root))
+    path = _data_file(cfg, Path(data_root), progress)
     out: list[Example] = []
     seen: set[str] = set()
     domains_seen: set[str] = set()
