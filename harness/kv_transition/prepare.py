@@ -84,6 +84,10 @@ def _provenance(cfg: Config, paths: Paths) -> list[dict[str, Any]]:
     return provenance(cfg.dataset, paths.data_root)
 
 
+def _no_count(text: str) -> int:
+    raise AssertionError("only synthetic datasets count tokens while loading")
+
+
 def load_examples(cfg: Config, paths: Paths, tok: Tokenizer, progress: Progress = _noop) -> list[Example]:
     from kv_transition.datasets import load_examples as _load
 
@@ -166,10 +170,18 @@ def record_experiment(conn: Any, cfg: Config) -> None:
 
 
 def prepare(cfg: Config, paths: Paths, progress: Progress = _noop, tok: Optional[Tokenizer] = None) -> PrepareResult:
-    progress("tokenizer", 0, None)
-    tok = tok or load_tokenizer(cfg.model.tokenizer, paths.tokenizer_cache)
-    progress("load", 0, None)
-    examples = load_examples(cfg, paths, tok, progress)
+    if cfg.dataset.source == "synthetic":  # the generator sizes contexts with the tokenizer
+        progress("tokenizer", 0, None)
+        tok = tok or load_tokenizer(cfg.model.tokenizer, paths.tokenizer_cache)
+        progress("load", 0, None)
+        examples = load_examples(cfg, paths, tok, progress)
+    else:  # data first: a source that cannot be read fails before anything (a tokenizer cache) is written
+        from kv_transition.datasets import load_examples as _load
+
+        progress("load", 0, None)
+        examples = _load(cfg.dataset, paths.data_root, _no_count, progress)
+        progress("tokenizer", 0, None)
+        tok = tok or load_tokenizer(cfg.model.tokenizer, paths.tokenizer_cache)
     manifest = build_manifest(cfg, paths, tok, examples, progress)
     # the file first (atomic rename), then the DB in one transaction: both or a clear error
     write_json(manifest, paths.manifest)
