@@ -252,3 +252,31 @@ def test_kvpress_question_goes_after_a_trimming_chat_template(smol_tokenizer):
     small = PromptBuilder(trimming, max_context=200).build(ex, spec)  # truncated: same placement
     assert small.truncated and small.prompt.endswith(row["question"] + "<|im_end|>\n<|im_start|>assistant\nAnswer:")
     assert small.final_tokens <= 200 - 52
+
+
+@pytest.mark.parametrize("trim", [False, True])
+def test_kvpress_prompt_equals_kvpress_pipeline_preprocess(smol_tokenizer, trim):
+    """Against kvpress's own code (the installed package): KVPressTextGenerationPipeline.preprocess's
+    context + question ids decode to exactly the prompt the harness builds for a mirror row."""
+    import copy
+    import types
+    from dataclasses import replace
+
+    pipeline = pytest.importorskip("kvpress.pipeline")
+    from kv_transition.datasets.schema import Example
+    from kv_transition.prompts import PromptBuilder, PromptSpec
+
+    tok = smol_tokenizer
+    if trim:  # TEST DOUBLE: a Llama-3-style template that trims the user content, on SmolLM2's vocab
+        hf = copy.deepcopy(tok._hf)
+        hf.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}"
+                            "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+        tok = replace(tok, _hf=hf, _chunk_counts={})
+    row = kvpress_row("hotpotqa", 3)
+    ctx, q = "  " + row["context"], row["question"]
+    out = pipeline.KVPressTextGenerationPipeline.preprocess(types.SimpleNamespace(tokenizer=tok._hf), ctx, [q],
+                                                            row["answer_prefix"], 10**6)
+    reference = tok._hf.decode(out["context_ids"][0]) + tok._hf.decode(out["questions_ids"][0][0])
+    spec = PromptSpec("{context}{input}", 52, chat=True, answer_prefix=row["answer_prefix"], question_after_template=True)
+    built = PromptBuilder(tok, max_context=8192).build(Example("e", q, ctx, row["answers"], {"task": "hotpotqa"}), spec)
+    assert built.prompt == reference
