@@ -244,7 +244,30 @@ def cmd_score(args: argparse.Namespace) -> int:
     rep = score_stage(paths, force=args.force, quiet=args.quiet)
     console.print(f"scored {rep.scored} response(s), {rep.skipped} already scored by {rep.version}"
                   + (f"; {rep.flagged} flagged (see scores.flags_json)" if rep.flagged else ""))
+    _print_v2_accuracy(paths, console)
     return 0
+
+
+def _print_v2_accuracy(paths: Any, console: Any) -> None:
+    """LongBench v2: accuracy per cell overall / difficulty / length split / domain / sub-domain."""
+    from rich.table import Table
+
+    from kv_transition.db import connect
+    from kv_transition.score.longbench_v2 import load_accuracy_table
+
+    conn = connect(paths.db, readonly=True)
+    try:
+        rows = [r for r in load_accuracy_table(conn) if r["bin_id"] is None]
+    finally:
+        conn.close()
+    if not rows:
+        return
+    t = Table(title="LongBench v2 accuracy (%) over all bins")
+    for col in ("cell", "dimension", "value", "n", "accuracy"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["cell_id"], r["dimension"], r["value"], str(r["n"]), f"{r['accuracy']:.1f}")
+    console.print(t)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -426,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("datasets", help="dataset tools")
     dsub = d.add_subparsers(dest="datasets_command", metavar="SUBCOMMAND", parser_class=_Parser)
     dsub.required = True
-    dl = dsub.add_parser("list", help="list the LongBench (+ LongBench-E) and synthetic tasks")
+    dl = dsub.add_parser("list", help="list the LongBench (+ LongBench-E), LongBench v2 and synthetic tasks")
     dl.add_argument("--json", action="store_true")
     dl.set_defaults(func=cmd_datasets_list)
 

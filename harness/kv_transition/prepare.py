@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from kv_transition.binning import assign, make_bins, select
 from kv_transition.config import Config, Paths
@@ -23,11 +23,19 @@ def _noop(stage: str, advance: int, total: Optional[int]) -> None:
     return None
 
 
-def prompt_specs(cfg: Config, paths: Paths, tasks: set[str]) -> dict[str, PromptSpec]:
-    """Per-task template, generation budget and chat flag, for the tasks present."""
-    from kv_transition.datasets import longbench, synthetic
+def prompt_specs(cfg: Config, paths: Paths, examples: Sequence[Example]) -> dict[str, PromptSpec]:
+    """Per-task template, generation budget and chat flag, for the tasks of ``examples``.
+
+    LongBench: the official dataset2prompt/dataset2maxlen, except for rows of kvpress's mirror, whose
+    context and question are templated already (``{context}{input}``, chat template for every task,
+    their ``answer_prefix`` after it and their ``max_new_tokens``). LongBench v2: its 0shot / 0shot_cot
+    template and pred.py's budgets.
+    """
+    from kv_transition.datasets import longbench, longbench_v2, synthetic
+    from kv_transition.errors import DataError
 
     override = cfg.decoding.max_new_tokens if isinstance(cfg.decoding.max_new_tokens, int) else None
+    tasks = sorted({e.task for e in examples})
     specs: dict[str, PromptSpec] = {}
     if cfg.dataset.source == "synthetic":
         for t in tasks:
@@ -37,21 +45,53 @@ def prompt_specs(cfg: Config, paths: Paths, tasks: set[str]) -> dict[str, Prompt
                 chat=True,
             )
         return specs
-    d2p, d2m = longbench.load_prompt_config(cfg.dataset.longbench.prompt_config, paths.data_root)
-    for t in tasks:
-        key = longbench.prompt_key(t)
-        specs[t] = PromptSpec(
-            template=d2p[key],
-            max_new_tokens=override or int(d2m[key]),
-            chat=t not in longbench.NO_CHAT_TEMPLATE_TASKS,
-        )
+    if cfg.dataset.source == "longbench_v2":
+        v2 = cfg.dataset.longbench_v2
+        template = longbench_v2.load_template(v2.prompt_config, paths.data_root, v2.cot)
+        for t in tasks:
+            specs[t] = PromptSpec(template=template, max_new_tokens=override or longbench_v2.max_new_tokens(v2.cot),
+                                  chat=True)
+        return specs
+    kvpress_rows: dict[str, list[Example]] = {}
+    for e in examples:
+        if e.meta.get("layout") == longbench.LAYOUT_KVPRESS:
+            kvpress_rows.setdefault(e.task, []).append(e)
+    for t, rows in kvpress_rows.items():
+        prefixes = {str(e.meta.get("answer_prefix") or "") for e in rows}
+        if len(prefixes) != 1:
+            raise DataError(f"kvpress LongBench task {t!r}: rows disagree on answer_prefix ({sorted(prefixes)})")
+        budgets = [int(e.meta["max_new_tokens"]) for e in rows if e.meta.get("max_new_tokens")]
+        if not budgets and override is None:
+            raise DataError(f"kvpress LongBench task {t!r}: no max_new_tokens column; set decoding.max_new_tokens")
+        specs[t] = PromptSpec(template="{context}{input}", max_new_tokens=override or max(budgets), chat=True,
+                              answer_prefix=prefixes.pop(), question_after_template=True)
+    official = [t for t in tasks if t not in specs]
+    if official:
+        d2p, d2m = longbench.load_prompt_config(cfg.dataset.longbench.prompt_config, paths.data_root)
+        for t in official:
+            key = longbench.prompt_key(t)
+            specs[t] = PromptSpec(
+                template=d2p[key],
+                max_new_tokens=override or int(d2m[key]),
+                chat=t not in longbench.NO_CHAT_TEMPLATE_TASKS,
+            )
     return specs
 
 
-def load_examples(cfg: Config, paths: Paths, tok: Tokenizer) -> list[Example]:
+def _provenance(cfg: Config, paths: Paths) -> list[dict[str, Any]]:
+    from kv_transition.datasets import provenance
+
+    return provenance(cfg.dataset, paths.data_root)
+
+
+def _no_count(text: str) -> int:
+    raise AssertionError("only synthetic datasets count tokens while loading")
+
+
+def load_examples(cfg: Config, paths: Paths, tok: Tokenizer, progress: Progress = _noop) -> list[Example]:
     from kv_transition.datasets import load_examples as _load
 
-    return _load(cfg.dataset, paths.data_root, tok.count)
+    return _load(cfg.dataset, paths.data_root, tok.count, progress)
 
 
 @dataclass
@@ -64,7 +104,7 @@ class PrepareResult:
 def build_manifest(
     cfg: Config, paths: Paths, tok: Tokenizer, examples: list[Example], progress: Progress = _noop
 ) -> dict[str, Any]:
-    specs = prompt_specs(cfg, paths, {e.task for e in examples})
+    specs = prompt_specs(cfg, paths, examples)
     builder = PromptBuilder(tok, cfg.model.max_context, use_chat=cfg.model.chat_template)
     built: list[BuiltPrompt] = []
     chunk = 256
@@ -99,7 +139,8 @@ def build_manifest(
     manifest = {
         "format": FORMAT,
         "dataset_id": paths.dataset_id,
-        "dataset": {"source": cfg.dataset.source, "inputs": manifest_inputs(cfg), "n_loaded": len(examples)},
+        "dataset": {"source": cfg.dataset.source, "inputs": manifest_inputs(cfg), "n_loaded": len(examples),
+                    "files": _provenance(cfg, paths)},
         "tokenizer": tok.info(),
         "model": {"id": cfg.model.id, "max_context": cfg.model.max_context},
         "binning": {"strategy": cfg.binning.strategy, "by": by, "edges": [b.lo for b in bins],
@@ -131,10 +172,18 @@ def record_experiment(conn: Any, cfg: Config) -> None:
 
 
 def prepare(cfg: Config, paths: Paths, progress: Progress = _noop, tok: Optional[Tokenizer] = None) -> PrepareResult:
-    progress("tokenizer", 0, None)
-    tok = tok or load_tokenizer(cfg.model.tokenizer, paths.tokenizer_cache)
-    progress("load", 0, None)
-    examples = load_examples(cfg, paths, tok)
+    if cfg.dataset.source == "synthetic":  # the generator sizes contexts with the tokenizer
+        progress("tokenizer", 0, None)
+        tok = tok or load_tokenizer(cfg.model.tokenizer, paths.tokenizer_cache)
+        progress("load", 0, None)
+        examples = load_examples(cfg, paths, tok, progress)
+    else:  # data first: a source that cannot be read fails before anything (a tokenizer cache) is written
+        from kv_transition.datasets import load_examples as _load
+
+        progress("load", 0, None)
+        examples = _load(cfg.dataset, paths.data_root, _no_count, progress)
+        progress("tokenizer", 0, None)
+        tok = tok or load_tokenizer(cfg.model.tokenizer, paths.tokenizer_cache)
     manifest = build_manifest(cfg, paths, tok, examples, progress)
     # the file first (atomic rename), then the DB in one transaction: both or a clear error
     write_json(manifest, paths.manifest)

@@ -11,13 +11,21 @@ from kv_transition.errors import DataError
 from kv_transition.tokens import Tokenizer
 
 _MAX_FIT_ROUNDS = 16
+_QUESTION_MARK = "\ue000kvt-question\ue000"  # a private-use sentinel where the question goes
 
 
 @dataclass(frozen=True)
 class PromptSpec:
-    template: str          # uses {context} and (usually) {input}
+    template: str          # uses {context} and (usually) {input}; multiple-choice: {choice_A}…{choice_D}
     max_new_tokens: int
     chat: bool             # apply the model's chat template
+    # text after the (chat-templated) prompt, where the model's answer starts (kvpress's answer_prefix,
+    # placed after the assistant header); never truncated
+    answer_prefix: str = ""
+    # kvpress's placement (KVPressTextGenerationPipeline.preprocess): the chat template is applied to the
+    # context alone and the question is put, untouched, where the user turn's content ends — so a
+    # template that trims its content (Llama 3's `| trim`) trims the context's edges, never the question's
+    question_after_template: bool = False
 
 
 @dataclass(frozen=True)
@@ -32,16 +40,30 @@ class BuiltPrompt:
     question_start: Optional[int]  # char offset in prompt where the text after the context begins
 
 
+CHOICE_KEYS = ("A", "B", "C", "D")
+
+
+def _choices(text: str, ex: Example) -> str:
+    choices = ex.meta.get("choices")
+    if isinstance(choices, dict):
+        for k in CHOICE_KEYS:
+            text = text.replace("{choice_" + k + "}", str(choices.get(k, "")))
+    return text
+
+
 def fill(template: str, ex: Example) -> str:
-    """str.format-free filling (contexts contain braces): replace the two placeholders only."""
-    return template.replace("{context}", ex.context).replace("{input}", ex.question)
+    """str.format-free filling (contexts contain braces): replace the placeholders only, in order
+    (context, input, then a multiple-choice example's choices, like LongBench v2's pred.py)."""
+    return _choices(template.replace("{context}", ex.context).replace("{input}", ex.question), ex)
 
 
 def _post_context_suffix(template: str, ex: Example) -> str:
     i = template.find("{context}")
     if i < 0:
         return ""
-    return template[i + len("{context}"):].replace("{input}", ex.question).replace("{context}", ex.context)
+    return _choices(
+        template[i + len("{context}"):].replace("{input}", ex.question).replace("{context}", ex.context), ex
+    )
 
 
 class PromptBuilder:
@@ -52,8 +74,17 @@ class PromptBuilder:
         self.max_context = max_context
         self.use_chat = use_chat and tokenizer.has_chat_template
 
-    def _final(self, raw: str, chat: bool) -> str:
-        return self.tok.chat(raw) if chat else raw
+    def _final(self, raw: str, chat: bool, answer_prefix: str = "", question: Optional[str] = None) -> str:
+        if chat and question and raw.endswith(question):
+            context = raw[: len(raw) - len(question)]
+            marker = _QUESTION_MARK
+            while marker in context:
+                marker += _QUESTION_MARK
+            templated = self.tok.chat(context + marker)
+            if templated.count(marker) == 1:
+                head, tail = templated.split(marker)
+                return head + question + tail + answer_prefix
+        return (self.tok.chat(raw) if chat else raw) + answer_prefix
 
     def _count(self, text: str, chat: bool) -> int:
         # with a chat template the template's own special tokens are in the text already
@@ -67,12 +98,13 @@ class PromptBuilder:
                 f"task {ex.task}: max_new_tokens {spec.max_new_tokens} leaves no room in max_context {self.max_context}"
             )
         raw = fill(spec.template, ex)
-        prompt = self._final(raw, chat)
+        question = ex.question if spec.question_after_template else None
+        prompt = self._final(raw, chat, spec.answer_prefix, question)
         n = counted if counted is not None else self._count(prompt, chat)
         original = n
         truncated = False
         if n > limit:
-            prompt, n = self._truncate(raw, chat, n, limit, ex)
+            prompt, n = self._truncate(raw, chat, n, limit, ex, spec.answer_prefix, question)
             truncated = True
         suffix = _post_context_suffix(spec.template, ex)
         qs = prompt.rfind(suffix) if suffix.strip() else -1
@@ -87,9 +119,12 @@ class PromptBuilder:
             question_start=qs if qs >= 0 else None,
         )
 
-    def _truncate(self, raw: str, chat: bool, n_full: int, limit: int, ex: Example) -> tuple[str, int]:
+    def _truncate(
+        self, raw: str, chat: bool, n_full: int, limit: int, ex: Example, answer_prefix: str = "",
+        question: Optional[str] = None,
+    ) -> tuple[str, int]:
         ids = self.tok.encode(raw, add_special_tokens=not chat)
-        overhead = n_full - len(ids)  # chat template tokens around the raw prompt
+        overhead = n_full - len(ids)  # chat template tokens (and the answer prefix) around the raw prompt
         keep = limit - overhead
         for _ in range(_MAX_FIT_ROUNDS):
             if keep <= 1:
@@ -97,7 +132,7 @@ class PromptBuilder:
             head = keep // 2
             tail = keep - head
             raw2 = self.tok.decode(ids[:head]) + self.tok.decode(ids[len(ids) - tail:])
-            prompt = self._final(raw2, chat)
+            prompt = self._final(raw2, chat, answer_prefix, question)
             n = self._count(prompt, chat)
             if n <= limit:
                 return prompt, n
@@ -111,7 +146,8 @@ class PromptBuilder:
         for ex in examples:
             spec = self.spec_for(ex, specs)
             chat = spec.chat and self.use_chat
-            finals.append(self._final(fill(spec.template, ex), chat))
+            finals.append(self._final(fill(spec.template, ex), chat, spec.answer_prefix,
+                                      ex.question if spec.question_after_template else None))
             chats.append(chat)
         counts = [0] * len(finals)
         for flag in (True, False):

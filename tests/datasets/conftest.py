@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import importlib.util
 import json
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -113,3 +116,137 @@ def bpe_count(request: pytest.FixtureRequest) -> Callable[[str], int]:
         return len(tk.encode(s, add_special_tokens=False).ids)
 
     return count
+
+
+# ---------------------------------------------------------------- kvpress's mirror (Xnhyacinth/LongBench)
+
+#: per task: (instruction around the document, question template, answer_prefix, LongBench budget).
+#: Our own wording; the SHAPE is kvpress's create_huggingface_dataset.py: `context` = instruction with the
+#: document filled in, `question` = the templated question, `answer_prefix`, `task`, `max_new_tokens` = +20.
+KVPRESS_TEMPLATES = {
+    "hotpotqa": ("Answer from the passages.\n\nPassages:\n{context}\n\nAnswer from the passages.\n\n",
+                 "Question: {input}\n", "Answer:", 32),
+    "trec": ("Say the type of the question. Examples follow.\n\n{context}\n", "{input}", "Type:", 64),
+}
+
+
+def kvpress_row(task_key: str, i: int, **over: Any) -> dict[str, Any]:
+    """One row of kvpress's mirror as push_to_hub stored it: LongBench's columns after its `.map`s
+    (`input` renamed to `question`) plus answer_prefix, task and max_new_tokens."""
+    task = task_key
+    rec = lb_record(task, i)
+    instruction, qtemplate, prefix, budget = KVPRESS_TEMPLATES[task]
+    row = {
+        "question": qtemplate.replace("{input}", rec["input"]),
+        "context": instruction.replace("{context}", rec["context"]),
+        "answers": rec["answers"], "length": rec["length"], "dataset": rec["dataset"],
+        "language": rec["language"], "all_classes": rec["all_classes"], "_id": rec["_id"],
+        "answer_prefix": prefix, "task": task, "max_new_tokens": budget + 20,
+    }
+    row.update(over)
+    return row
+
+
+def write_kvpress_mirror(root: Path, by_task: dict[str, list[dict[str, Any]]]) -> Path:
+    """The mirror's repo layout: one config dir per task, `<task>/test-00000-of-00001.parquet`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([
+        ("question", pa.string()), ("context", pa.string()), ("answers", pa.list_(pa.string())),
+        ("length", pa.int64()), ("dataset", pa.string()), ("language", pa.string()),
+        ("all_classes", pa.list_(pa.string())), ("_id", pa.string()), ("answer_prefix", pa.string()),
+        ("task", pa.string()), ("max_new_tokens", pa.int64()),
+    ])
+    for task, rows in by_task.items():
+        p = root / task / "test-00000-of-00001.parquet"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), p)
+    return root
+
+
+# ---------------------------------------------------------------- LongBench v2 (THUDM/LongBench-v2)
+
+V2_DOMAINS = [("Single-Document QA", "Academic"), ("Multi-Document QA", "News"),
+              ("Long In-context Learning", "Many-shot learning"), ("Code Repository Understanding", "Code repo QA")]
+
+
+def v2_record(i: int, **over: Any) -> dict[str, Any]:
+    """A record with exactly the fields of LongBench v2's data.json."""
+    domain, sub = V2_DOMAINS[i % len(V2_DOMAINS)]
+    rec = {
+        "_id": f"66f36490821e116aacb2{i:04x}",
+        "domain": domain,
+        "sub_domain": sub,
+        "difficulty": "easy" if i % 2 == 0 else "hard",
+        "length": ("short", "medium", "long")[i % 3],
+        "question": f"  Which statement about report {i} is right?\n",
+        "choice_A": f"Statement {i}-A ", "choice_B": f"Statement {i}-B", "choice_C": f"Statement {i}-C",
+        "choice_D": f"Statement {i}-D",
+        "answer": "ABCD"[i % 4],
+        "context": f"\nReport {i}. " + "The committee reviewed the annual figures in detail. " * (20 + 30 * i),
+    }
+    rec.update(over)
+    return rec
+
+
+def write_v2_json(path: Path, recs: list[dict[str, Any]]) -> Path:
+    """data.json as the Hub repo holds it: one JSON list."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(recs, ensure_ascii=False, indent=1), encoding="utf-8")
+    return path
+
+
+def write_v2_prompts(d: Path) -> Path:
+    """0shot.txt / 0shot_cot.txt / 0shot_cot_ans.txt in LongBench v2's format ($DOC$ $Q$ $C_A$…$C_D$),
+    our own wording."""
+    d.mkdir(parents=True, exist_ok=True)
+    body = "Read the document.\n\n<text>\n$DOC$\n</text>\n\nQuestion: $Q$\nChoices:\n(A) $C_A$\n(B) $C_B$\n(C) $C_C$\n(D) $C_D$\n\n"
+    (d / "0shot.txt").write_text(body + 'Reply as "The correct answer is (insert answer here)".', encoding="utf-8")
+    (d / "0shot_cot.txt").write_text(body + "Reason step by step:", encoding="utf-8")
+    (d / "0shot_cot_ans.txt").write_text(body.replace("$DOC$", "(omitted)") + "Reasoning: $COT$\n\nAnswer:",
+                                         encoding="utf-8")
+    return d
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a directory on 127.0.0.1 and counts the GET requests (class attribute `hits`)."""
+
+    hits: list[str] = []
+
+    def do_GET(self):  # noqa: N802
+        type(self).hits.append(self.path)
+        return super().do_GET()
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def serve_dir():
+    """serve_dir(directory) -> (base_url, hits): a loopback HTTP server for the test's duration."""
+    servers = []
+
+    def start(directory: Path):
+        handler_cls = type("H", (QuietHandler,), {"hits": []})
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler_cls, directory=str(directory)))
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return f"http://127.0.0.1:{srv.server_address[1]}", handler_cls.hits
+
+    yield start
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+@pytest.fixture
+def closed_port_url():
+    """An http URL on 127.0.0.1 where nothing listens."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"http://127.0.0.1:{port}"

@@ -21,6 +21,8 @@ from .conftest import REPO, SHARED_LONGBENCH, lb_record, records, write_jsonl, w
 
 
 def cfg(**kw) -> LongBenchCfg:
+    """A LongBench config; source parquet unless given (the shipped default, zip, downloads from the Hub)."""
+    kw.setdefault("source", "parquet")
     return LongBenchCfg(**kw)
 
 
@@ -147,7 +149,7 @@ def test_hub_unreachable_is_a_clear_error(data_root):
         "from kv_transition.datasets.longbench import load_longbench\n"
         "from kv_transition.errors import DataError\n"
         "try:\n"
-        f"    load_longbench(LongBenchCfg(tasks=['hotpotqa']), Path({str(data_root)!r}))\n"
+        f"    load_longbench(LongBenchCfg(tasks=['hotpotqa'], source='parquet'), Path({str(data_root)!r}))\n"
         "except DataError as e:\n"
         "    print('DATAERROR', e); sys.exit(3)\n"
     )
@@ -176,7 +178,12 @@ def test_zip_dir_and_parquet_give_the_same_examples(tmp_path, data_root):
         write_parquet(m / t / "test" / "0000.parquet", recs)
     from_pq = lb.load_longbench(cfg(tasks=["lsht", "hotpotqa"], source="parquet", path=str(m)), data_root)
 
-    assert [e.to_dict() for e in from_zip] == [e.to_dict() for e in from_dir] == [e.to_dict() for e in from_pq]
+    def same(exs):  # everything but the layout the example came from
+        return [{**e.to_dict(), "meta": {k: v for k, v in e.meta.items() if k != "layout"}} for e in exs]
+
+    assert same(from_zip) == same(from_dir) == same(from_pq)
+    assert {e.meta["layout"] for e in from_zip + from_dir} == {"official-jsonl"}
+    assert {e.meta["layout"] for e in from_pq} == {"hub-parquet-export"}
     assert [e.meta["task"] for e in from_zip] == ["lsht"] * 2 + ["hotpotqa"] * 3
     meta = from_zip[0].meta
     assert meta["language"] == "en" and meta["metric"] == "classification_score"

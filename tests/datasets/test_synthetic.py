@@ -171,7 +171,7 @@ def test_load_examples_dispatch_and_list_tasks(tmp_path):
     assert [e.meta["task"] for e in lb] == ["trec", "trec"]
     rows = list_tasks()
     names = [r["name"] for r in rows]
-    assert len(rows) == 21 + 13 + 4 and len(set(names)) == len(names)
+    assert len(rows) == 21 + 13 + 1 + 4 and len(set(names)) == len(names)  # v1, LongBench-E, LongBench v2, synthetic
     r = next(r for r in rows if r["name"] == "lsht")
     assert (r["source"], r["language"], r["metric"], r["longbench_e"]) == ("longbench", "zh", "classification_score", False)
     assert next(r for r in rows if r["name"] == "niah_multivalue")["metric"] == "contains_all"

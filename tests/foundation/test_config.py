@@ -82,7 +82,7 @@ def test_bad_override(bad: str, msg: str):
     ("binning.edgs=[0]", "binning.edgs: unknown key (did you mean 'edges'?)"),
     ("experimnt.group_id=x", "experimnt: unknown key (did you mean 'experiment'?)"),
     ("binning.n_per_bin=abc", "binning.n_per_bin: Input should be a valid integer"),
-    ("dataset.source=wikipedia", "dataset.source: Input should be 'synthetic' or 'longbench'"),
+    ("dataset.source=wikipedia", "dataset.source: Input should be 'synthetic', 'longbench' or 'longbench_v2'"),
     ("kv.compression_ratio=1.5", "kv.compression_ratio: Input should be less than 1"),
     ("binning.edges=[5, 10]", "binning: edges must be strictly increasing token counts starting at 0"),
     ("experiment.group_id=../escape", "experiment.group_id: '../escape' is not a safe identifier"),

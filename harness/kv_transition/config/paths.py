@@ -23,7 +23,7 @@ def _inside(child: Path, root: Path) -> bool:
 def manifest_inputs(cfg: Config) -> dict[str, Any]:
     """The config sections a manifest depends on (and nothing else)."""
     ds = cfg.dataset
-    src = ds.longbench if ds.source == "longbench" else ds.synthetic
+    src = {"longbench": ds.longbench, "longbench_v2": ds.longbench_v2}.get(ds.source, ds.synthetic)
     return {
         "source": ds.source,
         "params": src.model_dump(mode="json"),

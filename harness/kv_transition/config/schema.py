@@ -37,17 +37,63 @@ class PromptConfigSource(Strict):
     path: Optional[str] = None  # local directory holding the two JSON files; wins over url
 
 
+#: the official LongBench v1 data (LongBench's README): members data/<task>.jsonl
+LONGBENCH_ZIP_URL = "https://huggingface.co/datasets/THUDM/LongBench/resolve/main/data.zip"
+#: LongBench v2 on the Hub (THUDM/LongBench-v2): one JSON list, data.json
+LONGBENCH_V2_URL = "https://huggingface.co/datasets/THUDM/LongBench-v2/resolve/main/data.json"
+#: LongBench v2's prompt templates (0shot.txt, 0shot_cot.txt, 0shot_cot_ans.txt) in its repo
+LONGBENCH_V2_PROMPTS_URL = "https://raw.githubusercontent.com/THUDM/LongBench/main/prompts"
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _check_sha256(v: Optional[str]) -> Optional[str]:
+    if v is not None and not _SHA256.match(v):
+        raise ValueError(f"{v!r} is not a sha256 hex digest (64 lowercase hex characters)")
+    return v
+
+
 class LongBenchCfg(Strict):
     tasks: list[str] = Field(default_factory=lambda: ["hotpotqa"])
-    source: Literal["parquet", "zip", "jsonl", "dir"] = "parquet"
+    # zip: the official data.zip (`url`, or `path` = a local file or another URL); parquet: a parquet
+    # copy (Hub `parquet_repo` or a local dir); kvpress: kvpress's parquet mirror (`kvpress_repo`, or
+    # `path` = a local copy), its own columns; dir / jsonl: extracted files.
+    source: Literal["zip", "parquet", "kvpress", "jsonl", "dir"] = "zip"
+    url: str = LONGBENCH_ZIP_URL  # data.zip for source zip when `path` is null
+    sha256: Optional[str] = None  # expected sha256 of data.zip (checked on download and reuse); null = record only
     parquet_repo: str = "zai-org/LongBench"  # a parquet mirror id on the Hub (configurable)
     # branch/tag/commit; the default is the Hub's parquet export of the official script dataset
     # (<task>/test/0000.parquet). null = main. See kv_transition.datasets.longbench.PARQUET_LAYOUTS.
     parquet_revision: Optional[str] = "refs/convert/parquet"
-    path: Optional[str] = None  # data.zip, an extracted directory, or a jsonl file
+    kvpress_repo: str = "Xnhyacinth/LongBench"  # kvpress's evaluation mirror (<task>/test-*.parquet)
+    kvpress_revision: Optional[str] = None  # null = main
+    path: Optional[str] = None  # data.zip (file or URL), an extracted directory, a jsonl file, a parquet dir
     split: str = "test"
     limit: Optional[int] = None  # per task, after loading (deterministic: first N)
     prompt_config: PromptConfigSource = Field(default_factory=PromptConfigSource)
+
+    _sha = field_validator("sha256")(classmethod(lambda cls, v: _check_sha256(v)))
+
+
+class LongBenchV2PromptSource(Strict):
+    """Where LongBench v2's prompt templates come from at prepare time."""
+
+    url: str = LONGBENCH_V2_PROMPTS_URL
+    path: Optional[str] = None  # local directory holding 0shot.txt / 0shot_cot.txt; wins over url
+
+
+class LongBenchV2Cfg(Strict):
+    url: str = LONGBENCH_V2_URL  # data.json, downloaded once into <data_root>/raw/longbench_v2/
+    path: Optional[str] = None  # a local data.json (JSON list) or .jsonl in the same fields; wins over url
+    sha256: Optional[str] = None  # expected sha256 of the data file; null = record only
+    cot: bool = False  # chain-of-thought prompt (0shot_cot.txt, 1024 new tokens) instead of 0shot.txt (128)
+    domains: list[str] = Field(default_factory=list)  # keep only these domains; [] = all
+    lengths: list[Literal["short", "medium", "long"]] = Field(default_factory=list)  # [] = all
+    difficulties: list[Literal["easy", "hard"]] = Field(default_factory=list)  # [] = all
+    limit: Optional[int] = Field(default=None, ge=1)  # first N after filtering
+    prompt_config: LongBenchV2PromptSource = Field(default_factory=LongBenchV2PromptSource)
+
+    _sha = field_validator("sha256")(classmethod(lambda cls, v: _check_sha256(v)))
 
 
 class SyntheticCfg(Strict):
@@ -78,9 +124,10 @@ class SyntheticCfg(Strict):
 
 
 class DatasetCfg(Strict):
-    source: Literal["synthetic", "longbench"] = "synthetic"
+    source: Literal["synthetic", "longbench", "longbench_v2"] = "synthetic"
     id: str = "auto"  # dataset_id; auto = derived from the source parameters
     longbench: LongBenchCfg = Field(default_factory=LongBenchCfg)
+    longbench_v2: LongBenchV2Cfg = Field(default_factory=LongBenchV2Cfg)
     synthetic: SyntheticCfg = Field(default_factory=SyntheticCfg)
 
     @field_validator("id")

@@ -1,22 +1,34 @@
 """LongBench v1 and LongBench-E: task registry, loaders and the official prompt configuration.
 
-`THUDM/LongBench` (now `zai-org/LongBench`) on the Hub is a loading-script dataset, which
-`datasets>=4` refuses. Three sources are supported instead:
+Sources (``dataset.longbench.source``):
 
+- ``zip`` (the default): the official ``data.zip`` of LongBench's README
+  (``https://huggingface.co/datasets/THUDM/LongBench/resolve/main/data.zip``, members
+  ``data/<task>.jsonl``). ``url`` (or ``path`` naming another URL) is downloaded once into
+  ``<data_root>/raw/longbench/zip/<url-hash>/data.zip`` with its sha256 recorded next to it
+  (``data.zip.source.json``) and checked on every reuse; ``path`` may also name a local file.
+  Members are extracted next to it.
 - ``parquet``: a parquet copy in one of the known layouts (``PARQUET_LAYOUTS``), either on the Hub
-  (``parquet_repo`` + ``parquet_revision``; the default is the Hub's own parquet export of the
+  (``parquet_repo`` + ``parquet_revision``; the default names the Hub's parquet export of the
   official repo, branch ``refs/convert/parquet``, laid out as ``<task>/test/0000.parquet``) or in a
   local directory (``path``, or ``parquet_repo`` naming an existing directory). Hub files are
   downloaded once into ``<data_root>/raw/longbench/parquet/…`` and then read by exactly the same
   local-directory code, through ``datasets``' parquet builder.
-- ``zip``: the official ``data.zip`` (members ``data/<task>.jsonl``), a local file or an http(s)
-  URL downloaded into ``<data_root>/raw/longbench/``; members are extracted next to it.
+- ``kvpress``: kvpress's evaluation mirror ``Xnhyacinth/LongBench`` (``kvpress_repo``), one config per
+  task pushed with ``push_to_hub`` (``<task>/test-00000-of-00001.parquet``), or a local copy
+  (``path``). Its rows are LongBench's, re-formatted by kvpress: ``context`` already holds the task's
+  instruction around the document, ``question`` the templated question, plus ``answer_prefix``,
+  ``task`` and ``max_new_tokens`` (LongBench's budget + 20). They map onto canonical examples with the
+  context/question split kept (see :func:`kvpress_record_to_example`). A parquet/jsonl/dir copy with
+  these columns is recognised by its columns as well.
 - ``dir``: an extracted directory (``<dir>/data/<task>.jsonl`` or ``<dir>/<task>.jsonl``).
 - ``jsonl``: one jsonl file with the LongBench fields. Its task is the file name when that is a
   task key, otherwise each record's ``dataset`` field.
 
 Every record becomes a canonical :class:`Example` with the id
-``stable_id("longbench", task, _id)`` (or a hash of input+context when ``_id`` is missing).
+``stable_id("longbench", task, _id)`` (kvpress rows: ``stable_id("longbench", task, _id, "kvpress")``;
+a hash of question+context when ``_id`` is missing), and ``meta["layout"]`` naming where it came
+from: ``official-jsonl`` (zip/dir/jsonl), ``kvpress``, or the parquet layout name.
 """
 
 from __future__ import annotations
@@ -35,6 +47,8 @@ from typing import Any, Iterable, Iterator, Optional
 from urllib.parse import quote
 
 from kv_transition.config.schema import LongBenchCfg, PromptConfigSource
+from kv_transition.config.schema import LONGBENCH_ZIP_URL
+from kv_transition.datasets.download import Progress, fetch_once, recorded, sha256_file
 from kv_transition.datasets.schema import Example, stable_id
 from kv_transition.errors import DataError
 
@@ -91,6 +105,9 @@ LONGBENCH_E_BASE_TASKS: tuple[str, ...] = (
 )
 LONGBENCH_E_TASKS: tuple[str, ...] = tuple(f"{t}_e" for t in LONGBENCH_E_BASE_TASKS)
 
+#: the tasks of kvpress's mirror Xnhyacinth/LongBench (the 16 English v1 tasks, code included)
+KVPRESS_MIRROR_TASKS: tuple[str, ...] = tuple(t[0] for t in _V1 if t[1] != "zh")
+
 _NO_CHAT_BASE = frozenset({"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"})
 
 TASKS: dict[str, TaskInfo] = {}
@@ -135,6 +152,9 @@ def prompt_key(task: str) -> str:
 # Record validation and mapping
 # --------------------------------------------------------------------------------------------
 
+LAYOUT_OFFICIAL = "official-jsonl"
+LAYOUT_KVPRESS = "kvpress"
+
 LONGBENCH_FIELDS = ("input", "context", "answers", "length", "dataset", "language", "all_classes", "_id")
 REQUIRED_FIELDS = ("input", "context", "answers")
 
@@ -143,7 +163,7 @@ def _is_str_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
-def record_to_example(rec: Any, task: str, where: str) -> Example:
+def record_to_example(rec: Any, task: str, where: str, layout: str = LAYOUT_OFFICIAL) -> Example:
     """Validate one LongBench record and map it to the canonical Example.
 
     ``where`` names the record in error messages, e.g. ``"data/hotpotqa.jsonl line 3"``.
@@ -192,6 +212,7 @@ def record_to_example(rec: Any, task: str, where: str) -> Example:
         "category": info.category,
         "longbench_e": info.longbench_e,
         "chat_template": info.chat_template,
+        "layout": layout,
     }
     return Example(
         example_id=example_id,
@@ -200,6 +221,61 @@ def record_to_example(rec: Any, task: str, where: str) -> Example:
         answers=list(answers),
         meta=meta,
     )
+
+
+#: the columns that mark a row of kvpress's reformatted mirror (``Xnhyacinth/LongBench``)
+KVPRESS_FIELDS = ("context", "question", "answer_prefix", "answers")
+
+
+def is_kvpress_record(rec: Any) -> bool:
+    """A kvpress mirror row: ``question`` + ``answer_prefix`` columns instead of LongBench's ``input``."""
+    return isinstance(rec, dict) and "input" not in rec and "question" in rec and "answer_prefix" in rec
+
+
+def kvpress_record_to_example(rec: Any, task: str, where: str) -> Example:
+    """Map one row of kvpress's LongBench mirror onto a canonical example.
+
+    The mirror's ``context`` (instruction + document, as kvpress feeds it) stays the example's context
+    and its ``question`` the example's question, so the context-only scope still sees the split;
+    ``answer_prefix`` (e.g. ``"Answer:"``) and ``max_new_tokens`` go into meta, where the prompt
+    builder takes them from (kvpress puts the prefix after the chat template's assistant header).
+    """
+    for f in KVPRESS_FIELDS:
+        if f not in rec or rec[f] is None:
+            raise DataError(f"{where}: missing required kvpress column {f!r} (task {task})")
+    for f in ("context", "question", "answer_prefix"):
+        if not isinstance(rec[f], str):
+            raise DataError(f"{where}: kvpress column {f!r} must be a string")
+    mnt = rec.get("max_new_tokens")
+    if mnt is not None and (isinstance(mnt, bool) or not isinstance(mnt, int) or mnt <= 0):
+        raise DataError(f"{where}: kvpress column 'max_new_tokens' must be a positive integer")
+    row_task = rec.get("task")
+    if isinstance(row_task, str) and row_task and row_task.replace("-e", "_e") not in (task, TASKS[task].base):
+        raise DataError(f"{where}: row of task {row_task!r} in the files of LongBench task {task!r}")
+    mapped = dict(rec)
+    mapped["input"] = rec["question"]
+    ex = record_to_example(mapped, task, where)
+    if ex.meta.get("orig_id"):
+        example_id = stable_id("longbench", task, ex.meta["orig_id"], LAYOUT_KVPRESS)
+    else:
+        digest = hashlib.sha256((rec["question"] + "\x00" + rec["context"]).encode("utf-8")).hexdigest()
+        example_id = stable_id("longbench", task, "sha256:" + digest, LAYOUT_KVPRESS)
+    meta = dict(ex.meta)
+    meta.update({
+        "layout": LAYOUT_KVPRESS,
+        "answer_prefix": rec["answer_prefix"],
+        "max_new_tokens": mnt,
+        # kvpress applies the chat template to every task (KVPressTextGenerationPipeline.preprocess)
+        "chat_template": True,
+    })
+    return Example(example_id=example_id, question=ex.question, context=ex.context, answers=ex.answers, meta=meta)
+
+
+def any_record_to_example(rec: Any, task: str, where: str, layout: str = LAYOUT_OFFICIAL) -> Example:
+    """A record in LongBench's own fields or a kvpress mirror row (told apart by its columns)."""
+    if is_kvpress_record(rec):
+        return kvpress_record_to_example(rec, task, where)
+    return record_to_example(rec, task, where, layout)
 
 
 def _iter_jsonl(lines: Iterable[bytes | str], name: str) -> Iterator[tuple[int, Any]]:
@@ -214,7 +290,7 @@ def _iter_jsonl(lines: Iterable[bytes | str], name: str) -> Iterator[tuple[int, 
 
 
 def _examples_from_jsonl(lines: Iterable[bytes | str], name: str, task: str) -> list[Example]:
-    return [record_to_example(rec, task, f"{name} line {n}") for n, rec in _iter_jsonl(lines, name)]
+    return [any_record_to_example(rec, task, f"{name} line {n}") for n, rec in _iter_jsonl(lines, name)]
 
 
 def _read_jsonl_file(path: Path, task: str) -> list[Example]:
@@ -264,7 +340,9 @@ def _layout_list(split: str) -> str:
     return ", ".join(p.format(task="<task>", split=split) for _, p in PARQUET_LAYOUTS)
 
 
-def _load_parquet_dir(root: Path, task: str, split: str, data_root: Path) -> list[Example]:
+def _load_parquet_dir(
+    root: Path, task: str, split: str, data_root: Path, expect_kvpress: bool = False
+) -> list[Example]:
     found = _parquet_files_for(root, task, split)
     if found is None:
         raise DataError(
@@ -273,14 +351,21 @@ def _load_parquet_dir(root: Path, task: str, split: str, data_root: Path) -> lis
         )
     _layout, files = found
     ds = _datasets_load_parquet(files, split, data_root, task)
-    missing = [f for f in REQUIRED_FIELDS if f not in ds.column_names]
+    kvpress = "input" not in ds.column_names and "answer_prefix" in ds.column_names
+    if expect_kvpress and not kvpress:
+        raise DataError(
+            f"{files[0]}: not kvpress's LongBench layout (no 'question'/'answer_prefix' columns; columns: "
+            f"{', '.join(ds.column_names)}); use dataset.longbench.source parquet for LongBench's own fields"
+        )
+    required = KVPRESS_FIELDS if kvpress else REQUIRED_FIELDS
+    missing = [f for f in required if f not in ds.column_names]
     if missing:
         raise DataError(
             f"{files[0]}: missing required column {missing[0]!r} for LongBench task {task!r} "
             f"(columns: {', '.join(ds.column_names)})"
         )
     where = files[0] if len(files) == 1 else f"{root}/{_layout}"
-    return [record_to_example(rec, task, f"{where} row {i}") for i, rec in enumerate(ds)]
+    return [any_record_to_example(rec, task, f"{where} row {i}", _layout) for i, rec in enumerate(ds)]
 
 
 def _datasets_load_parquet(files: list[Path], split: str, data_root: Path, task: str):
@@ -318,7 +403,19 @@ def _hub_cache(cache: Path) -> Iterator[None]:
             setattr(constants, k, v)
 
 
-def _hub_snapshot(repo: str, revision: Optional[str], tasks: list[str], split: str, data_root: Path) -> Path:
+def _topmost_missing(path: Path) -> Optional[Path]:
+    """The outermost directory of ``path`` that does not exist yet (None if ``path`` exists)."""
+    if path.exists():
+        return None
+    top = path
+    while not top.parent.exists():
+        top = top.parent
+    return top
+
+
+def _hub_snapshot(
+    repo: str, revision: Optional[str], tasks: list[str], split: str, data_root: Path, keys: str = "parquet"
+) -> Path:
     """Download the parquet files of `tasks` from a Hub repo into a repo-local directory.
 
     Files already there are reused without touching the network.
@@ -331,8 +428,9 @@ def _hub_snapshot(repo: str, revision: Optional[str], tasks: list[str], split: s
     from huggingface_hub import snapshot_download
 
     patterns = [p.format(task=t, split=split) for t in wanted for _, p in PARQUET_LAYOUTS]
+    hub_cache = _raw_dir(data_root) / "hf" / "hub"
+    fresh = {_topmost_missing(d) for d in (local, hub_cache)} - {None}
     try:
-        hub_cache = _raw_dir(data_root) / "hf" / "hub"
         with _hub_cache(hub_cache):
             snapshot_download(
                 repo_id=repo,
@@ -343,11 +441,12 @@ def _hub_snapshot(repo: str, revision: Optional[str], tasks: list[str], split: s
                 cache_dir=str(hub_cache),
             )
     except Exception as e:
+        for d in sorted(fresh, key=lambda x: len(x.parts)):  # what this call created, nothing older
+            shutil.rmtree(d, ignore_errors=True)
         raise DataError(
             f"cannot download LongBench parquet files for {', '.join(wanted)} from the Hub "
-            f"(dataset.longbench.parquet_repo={repo!r}, parquet_revision={rev!r}): "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
-            "Set dataset.longbench.path to a local copy (parquet dir, data.zip or jsonl) instead."
+            f"(dataset.longbench.{keys}_repo={repo!r}, {keys}_revision={rev!r}): "
+            f"{type(e).__name__}: {' '.join(str(e).split())[:300]}; {_alternatives(keys)}"
         ) from None
     return local
 
@@ -375,6 +474,38 @@ def _load_parquet_source(cfg: LongBenchCfg, data_root: Path) -> dict[str, list[E
     return {t: _load_parquet_dir(root, t, cfg.split, data_root) for t in cfg.tasks}
 
 
+def _load_kvpress_source(cfg: LongBenchCfg, data_root: Path) -> dict[str, list[Example]]:
+    """kvpress's mirror: the Hub repo (kvpress loads it as ``load_dataset(repo, data_dir=<task>,
+    split="test")``, i.e. the files ``<task>/test-*.parquet``) or a local copy of it."""
+    if cfg.path:
+        root = Path(cfg.path)
+        if not root.is_dir():
+            raise DataError(f"dataset.longbench.path {cfg.path!r}: not a directory (a local copy of "
+                            f"{cfg.kvpress_repo}, <task>/{cfg.split}-*.parquet)")
+    elif Path(cfg.kvpress_repo).is_dir():
+        root = Path(cfg.kvpress_repo)
+    else:
+        if cfg.kvpress_repo.count("/") != 1 or cfg.kvpress_repo.startswith((".", "/")):
+            raise DataError(
+                f"dataset.longbench.kvpress_repo {cfg.kvpress_repo!r} is neither an existing "
+                "directory nor a Hub dataset id (owner/name)"
+            )
+        root = _hub_snapshot(cfg.kvpress_repo, cfg.kvpress_revision, cfg.tasks, cfg.split, data_root, "kvpress")
+    return {t: _load_parquet_dir(root, t, cfg.split, data_root, expect_kvpress=True) for t in cfg.tasks}
+
+
+def _alternatives(used: str) -> str:
+    """The other ways to get LongBench, for a source that cannot be reached."""
+    alts = {
+        "zip": "set dataset.longbench.path to a local data.zip (downloaded elsewhere from " + LONGBENCH_ZIP_URL + ")",
+        "parquet": "use source parquet with a reachable parquet_repo or a local parquet dir in path",
+        "kvpress": "use source kvpress with path = a local copy of the Xnhyacinth/LongBench mirror",
+        "dir": "use source dir/jsonl with an extracted copy in path",
+    }
+    first = [alts[used]] if used in alts else []
+    return "alternatives: " + "; or ".join(first + [v for k, v in alts.items() if k != used])
+
+
 def _jsonl_in_dir(root: Path, task: str) -> Path:
     for cand in (root / "data" / f"{task}.jsonl", root / f"{task}.jsonl"):
         if cand.is_file():
@@ -393,39 +524,34 @@ def _load_dir_source(cfg: LongBenchCfg) -> dict[str, list[Example]]:
     return {t: _read_jsonl_file(_jsonl_in_dir(root, t), t) for t in cfg.tasks}
 
 
-def _download(url: str, dest: Path) -> Path:
-    import httpx
-
-    if dest.is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
-    try:
-        with os.fdopen(fd, "wb") as fh, httpx.stream("GET", url, follow_redirects=True, timeout=60.0) as r:
-            r.raise_for_status()
-            for chunk in r.iter_bytes():
-                fh.write(chunk)
-        os.replace(tmp, dest)
-    except (httpx.HTTPError, OSError) as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise DataError(f"cannot download {url}: {e}") from None
-    return dest
+def zip_download_path(url: str, data_root: Path) -> Path:
+    """Where a data.zip URL is kept: ``<data_root>/raw/longbench/zip/<sha256(url)[:12]>/data.zip``."""
+    return _raw_dir(data_root) / "zip" / hashlib.sha256(url.encode()).hexdigest()[:12] / "data.zip"
 
 
-def _load_zip_source(cfg: LongBenchCfg, data_root: Path) -> dict[str, list[Example]]:
-    if not cfg.path:
-        raise DataError("dataset.longbench.path must name data.zip (file or URL) for source 'zip'")
+def _zip_location(cfg: LongBenchCfg) -> tuple[str, str]:
+    """(path-or-URL, the config key that set it)."""
+    if cfg.path:
+        return cfg.path, "dataset.longbench.path"
+    return cfg.url, "dataset.longbench.url"
+
+
+def _load_zip_source(cfg: LongBenchCfg, data_root: Path, progress: Optional[Progress] = None) -> dict[str, list[Example]]:
     raw = _raw_dir(data_root)
-    if cfg.path.startswith(("http://", "https://")):
-        url_hash = hashlib.sha256(cfg.path.encode()).hexdigest()[:12]
-        zpath = _download(cfg.path, raw / "zip" / url_hash / "data.zip")
+    where, key = _zip_location(cfg)
+    if where.startswith(("http://", "https://")):
+        zpath = fetch_once(where, zip_download_path(where, data_root), key=key,
+                           alternatives=_alternatives("zip"), expected=cfg.sha256, progress=progress)
     else:
-        zpath = Path(cfg.path)
+        zpath = Path(where)
         if not zpath.is_file():
-            raise DataError(f"dataset.longbench.path {cfg.path!r}: zip file not found")
+            raise DataError(f"{key} {where!r}: zip file not found")
+        if cfg.sha256 is not None and sha256_file(zpath) != cfg.sha256:
+            raise DataError(f"{zpath}: sha256 {sha256_file(zpath)} is not the {cfg.sha256} pinned by "
+                            "dataset.longbench.sha256")
     st = zpath.stat()
-    key = hashlib.sha256(f"{zpath.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    extract_root = raw / "extracted" / key
+    extract_key = hashlib.sha256(f"{zpath.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    extract_root = raw / "extracted" / extract_key
     out: dict[str, list[Example]] = {}
     try:
         with zipfile.ZipFile(zpath) as zf:
@@ -471,14 +597,14 @@ def _load_jsonl_source(cfg: LongBenchCfg) -> dict[str, list[Example]]:
                 if task not in TASKS:
                     raise DataError(f"{where}: {_unknown_task_message(task)}")
             if task in out:
-                out[task].append(record_to_example(rec, task, where))
+                out[task].append(any_record_to_example(rec, task, where))
     for task, exs in out.items():
         if not exs:
             raise DataError(f"{path}: no records for LongBench task {task!r}")
     return out
 
 
-def load_longbench(cfg: LongBenchCfg, data_root: Path) -> list[Example]:
+def load_longbench(cfg: LongBenchCfg, data_root: Path, progress: Optional[Progress] = None) -> list[Example]:
     """Load the configured LongBench tasks as canonical examples (task order, then record order).
 
     ``cfg.limit`` keeps the first N records of each task. Raises DataError for unknown tasks,
@@ -494,7 +620,9 @@ def load_longbench(cfg: LongBenchCfg, data_root: Path) -> list[Example]:
     if cfg.source == "parquet":
         by_task = _load_parquet_source(cfg, data_root)
     elif cfg.source == "zip":
-        by_task = _load_zip_source(cfg, data_root)
+        by_task = _load_zip_source(cfg, data_root, progress)
+    elif cfg.source == "kvpress":
+        by_task = _load_kvpress_source(cfg, data_root)
     elif cfg.source == "dir":
         by_task = _load_dir_source(cfg)
     elif cfg.source == "jsonl":
@@ -516,6 +644,19 @@ def load_longbench(cfg: LongBenchCfg, data_root: Path) -> list[Example]:
             seen[ex.example_id] = task
             out.append(ex)
     return out
+
+
+def provenance(cfg: LongBenchCfg, data_root: Path) -> list[dict[str, Any]]:
+    """The downloaded files behind a loaded zip source (url, sha256, bytes, downloaded_at), for the
+    manifest; [] for sources that are not a downloaded file."""
+    if cfg.source != "zip":
+        return []
+    where, _key = _zip_location(cfg)
+    if where.startswith(("http://", "https://")):
+        rec = recorded(zip_download_path(where, Path(data_root)))
+        return [dict(rec, path=str(zip_download_path(where, Path(data_root))))] if rec else []
+    p = Path(where)
+    return [{"url": None, "path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size}] if p.is_file() else []
 
 
 # --------------------------------------------------------------------------------------------

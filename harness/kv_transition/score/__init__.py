@@ -1,9 +1,11 @@
-"""Scoring of recorded responses: the official LongBench metrics and the synthetic-task metrics.
+"""Scoring of recorded responses: the official LongBench metrics, LongBench v2 accuracy (score/longbench_v2.py)
+and the synthetic-task metrics.
 
 ``score_longbench(task, prediction, answers, all_classes=None) -> float`` gives, for one example, the
 number LongBench's eval.py adds up (in [0, 1]; eval.py reports ``round(100 * mean, 2)`` per task).
 """
 
+from kv_transition.score.longbench_v2 import extract_answer, score_v2
 from kv_transition.score.metrics import (
     FIRST_LINE_TASKS,
     FLAG_NO_ANSWERS,
@@ -33,9 +35,11 @@ __all__ = [
     "SYNTHETIC_METRIC_NAMES",
     "TASK_METRIC",
     "base_task",
+    "extract_answer",
     "longbench_e_bucket",
     "score_example",
     "score_longbench",
     "score_longbench_detailed",
     "score_synthetic",
+    "score_v2",
 ]

@@ -14,13 +14,28 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from kv_transition.db import dumps, insert_many, transaction, utcnow
+from kv_transition.score import longbench_v2
 from kv_transition.score.metrics import TASK_METRIC, score_example
 
 _METRICS_FILE = Path(__file__).with_name("metrics.py")
+_V2_FILE = Path(__file__).with_name("longbench_v2.py")
 
 
 def scorer_version() -> str:
-    return "sha256:" + hashlib.sha256(_METRICS_FILE.read_bytes()).hexdigest()[:12]
+    """A hash of the scoring code: metrics.py (LongBench v1 + synthetic) and longbench_v2.py."""
+    h = hashlib.sha256(_METRICS_FILE.read_bytes())
+    h.update(_V2_FILE.read_bytes())
+    return "sha256:" + h.hexdigest()[:12]
+
+
+def _score_one(task: str, text: str, answers: list, meta: dict) -> tuple[float, tuple[str, ...], str]:
+    """(score, flags, metric name) of one response, by the example's source."""
+    if longbench_v2.is_v2(meta):
+        score, flags = longbench_v2.score_v2(text, answers)
+        return score, flags, longbench_v2.METRIC
+    score, flags = score_example(task, text, answers, meta)
+    metric = meta.get("metric") if meta.get("source") == "synthetic" else TASK_METRIC.get(task, "?")
+    return score, flags, str(metric)
 
 
 @dataclass
@@ -57,9 +72,8 @@ def score_db(conn: sqlite3.Connection, *, force: bool = False, cells: Optional[l
     now = utcnow()
     for r in todo:
         meta = json.loads(r["meta_json"])
-        score, flags = score_example(r["task"], r["text"], json.loads(r["answers_json"]), meta)
+        score, flags, metric = _score_one(r["task"], r["text"], json.loads(r["answers_json"]), meta)
         flagged += bool(flags)
-        metric = meta.get("metric") if meta.get("source") == "synthetic" else TASK_METRIC.get(r["task"], "?")
         rows.append({"request_id": r["request_id"], "cell_id": r["cell_id"], "example_id": r["example_id"],
                      "repeat": r["repeat"], "task": r["task"], "metric": str(metric), "score": float(score),
                      "flags_json": dumps(sorted(flags)), "scorer_version": version, "scored_at": now})
