@@ -6,6 +6,7 @@ Exit codes: 0 ok · 1 a run/cell failed · 2 bad input (config, arguments, data)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sqlite3
@@ -225,7 +226,7 @@ def report_stage(paths: Any) -> Any:
 
     conn = connect(paths.db)
     try:
-        data = load_report_data(conn)
+        data = load_report_data(conn, db_path=str(paths.db))
     finally:
         conn.close()
     files = write_report(data, paths.report_dir)
@@ -283,10 +284,59 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _group_db(paths: Any, ref: str) -> Path:
+    """A --compare operand: a .sqlite file, or a group id under output.runs_root."""
+    from kv_transition.errors import KvtError
+
+    p = Path(ref)
+    if p.suffix in (".sqlite", ".db", ".sqlite3"):
+        if not p.is_file():
+            raise KvtError(f"--compare {ref}: no such database file")
+        return p
+    db = paths.runs_root / ref / "kv_transition.sqlite"
+    if not db.is_file():
+        raise KvtError(f"--compare {ref}: no database for group {ref!r} at {db} "
+                       "(give a group id under output.runs_root or a .sqlite path)")
+    return db
+
+
+def compare_stage(paths: Any, refs: Sequence[str], out: Optional[str]) -> Path:
+    import re
+
+    from kv_transition.db import connect
+    from kv_transition.errors import KvtError
+    from kv_transition.report.compare import write_compare
+    from kv_transition.report.data import load_report_data
+    from kv_transition.ui import console
+
+    datas = []
+    for ref in refs:
+        db = _group_db(paths, ref)
+        conn = connect(db)
+        try:
+            d = load_report_data(conn, db_path=str(db))
+        finally:
+            conn.close()
+        if not d.cells:
+            raise KvtError(f"--compare {ref}: {db} has no analysis (run `kvt score` and `kvt analyze` on it first)")
+        datas.append(d)
+    safe = [re.sub(r"[^A-Za-z0-9_.-]+", "_", d.group_id or Path(r).stem) for d, r in zip(datas, refs)]
+    target = Path(out) if out else paths.runs_root / "compare" / f"{safe[0]}-vs-{safe[1]}"
+    page, cmp = write_compare(datas[0], datas[1], target)
+    console.print(f"compared {len(cmp.pairs)} matched cell(s) ({len(cmp.only_a)} only in {datas[0].group_id}, "
+                  f"{len(cmp.only_b)} only in {datas[1].group_id})\nreport: {page}")
+    return page
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     cfg, paths = _load(args)
+    if args.compare:
+        compare_stage(paths, args.compare, args.out)
+        return 0
     _require_rows(paths, "SELECT COUNT(*) FROM responses",
                   "nothing to report: no recorded responses (run `kvt run` / `kvt matrix run`, then `kvt score`)")
+    if args.out:
+        paths = dataclasses.replace(paths, report_dir=Path(args.out).resolve())
     report_stage(paths)
     return 0
 
@@ -411,7 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="re-score everything")
     sp.add_argument("-q", "--quiet", action="store_true")
     add("analyze", cmd_analyze, "per cell x bin statistics vs the full-cache baseline, and transition lengths")
-    add("report", cmd_report, "write runs/<exp>/report/ (HTML, Markdown, PNG, CSV) and print the summary")
+    sp = add("report", cmd_report, "write runs/<exp>/report/ (HTML, Markdown, PNG, CSV) and print the summary")
+    sp.add_argument("--compare", nargs=2, metavar=("G1", "G2"),
+                    help="before/after view of two groups (group ids under output.runs_root, or .sqlite paths); "
+                         "writes runs/compare/G1-vs-G2/")
+    sp.add_argument("--out", metavar="DIR", help="write the report here instead")
 
     sp = add("run", cmd_run, "run one cell: start the engine for one KV method, send the manifest, record everything")
     sp.add_argument("--engine", help="engine name (engines/<name>/engine.yaml; default: engine.name)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sqlite3
 from pathlib import Path
 
@@ -85,14 +86,33 @@ def test_score_analyze_report(recorded, capsys: pytest.CaptureFixture):
     assert "kept 900+" in out and "report:" in out
     rep = paths.report_dir
     names = {p.name for p in rep.iterdir()}
-    assert {"index.html", "report.md", "bins.csv", "transitions.csv", "score_vs_length.png",
-            "relative_vs_length.png", "memory_vs_accuracy.png", "latency_vs_length.png"} <= names
+    figures = {"heatmap.png", "transition_vs_budget.png", "score_small_multiples.png", "memory_pareto.png",
+               "latency_vs_length.png"}
+    assert figures | {"index.html", "report.md", "bins.csv", "transitions.csv", "tasks.csv", "provenance.csv"} <= names
+    assert not any(n.startswith(".") for n in names), "temporary files left behind"
     html = (rep / "index.html").read_text()
-    assert html.count("<img ") == 4 and "data:image/png;base64," in html and 'id="summary"' in html
+    # every PNG but the heatmap is inlined as an image; the heatmap is inline SVG with a tooltip per cell × bin
+    assert html.count("<img ") == len(figures) - 1 and "data:image/png;base64," in html and "id='summary'" in html
+    assert html.count('<svg id="heatmap"') == 1 and html.count("<title>") == 1 + 2 * 3  # page title + tooltips
+    # self-contained: no URL but the SVG/XLink namespace names (identifiers, never fetched)
+    assert re.findall(r"https?://[^\s\"']+", html) and all(
+        u in ("http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink")
+        for u in re.findall(r"https?://[^\s\"']+", html))
+    assert " src='http" not in html and ' href="http' not in html
+    assert "kvpress/snapkv r=0.5 — bin 900+" in html and "transition: ~" in html
     rows = list(csv.DictReader((rep / "transitions.csv").open()))
     assert {r["method"]: r["transition_bin"] for r in rows} == {"full": "", "snapkv": "2"}
+    snap = next(r for r in rows if r["method"] == "snapkv")
+    assert float(snap["interval_lo"]) <= float(snap["transition_tokens"]) <= float(snap["interval_hi"])
+    bins = list(csv.DictReader((rep / "bins.csv").open()))
+    held = {(r["method"], r["bin"]): float(r["kv_bytes_held"]) for r in bins}
+    assert all(held[("snapkv", b)] < held[("full", b)] for b in ("0", "1", "2"))
+    assert {r["kv_bytes_source"] for r in bins} == {"kv_bytes_after (engine, per response)"}
+    prov = list(csv.DictReader((rep / "provenance.csv").open()))
+    assert {r["cell"] for r in prov} == {"kvpress.full-aaaa", "kvpress.snapkv.r0.5-bbbb"}
+    assert all(r["runtime"] == "process" and r["scope"] == "query_aware" for r in prov)
     md = (rep / "report.md").read_text()
-    assert "| kvpress/snapkv r=0.5 |" in md and "0%" in md
+    assert "| kvpress/snapkv r=0.5 |" in md and "0%" in md and "![heatmap](heatmap.png)" in md
 
 
 def test_report_without_db_is_a_clear_error(small_synthetic: Path, capsys: pytest.CaptureFixture):
