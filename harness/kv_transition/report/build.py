@@ -249,7 +249,7 @@ table{border-collapse:collapse;margin:1em 0;font-size:12.5px}th,td{border:1px so
 text-align:right;vertical-align:top}th{background:#f3f3f3;position:sticky;top:0}
 td:first-child,th:first-child{text-align:left}.base{color:#555;font-style:italic}
 .bad{background:#fde2e2}.ok{background:#e6f4ea}img{max-width:100%;border:1px solid #eee;margin:.5em 0}
-figure{margin:1em 0}figure.svg svg{width:100%;max-width:1180px;height:auto;border:1px solid #eee}
+figure{margin:1em 0}#heatmap text{pointer-events:none}figure.svg svg{width:100%;max-width:1180px;height:auto;border:1px solid #eee}
 .muted{color:#666;font-size:12px}.tag{font-size:11px;background:#fde2e2;border-radius:3px;padding:0 4px}
 td.args{text-align:left;font-family:ui-monospace,monospace;font-size:11px;max-width:420px;word-break:break-all}
 td.mono{font-family:ui-monospace,monospace;font-size:11px;text-align:left}.wide{overflow-x:auto}

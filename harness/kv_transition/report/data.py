@@ -89,7 +89,9 @@ class ReportData:
 
     def ordered_cells(self) -> list[dict[str, Any]]:
         """engine → baseline first → method → ratio/budget/dtype → scope."""
-        return sorted(self.cells, key=lambda c: (c["engine"], not c["is_baseline"], c["method"], c["knob_sort"],
+        rank = {"": 0, "r": 1, "b": 2, "d": 3}
+        return sorted(self.cells, key=lambda c: (c["engine"], not c["is_baseline"], c["method"],
+                                                 rank[c["knob_sort"][0]], c["knob_sort"][1],
                                                  c.get("kv_scope") not in (None, "query_aware"),
                                                  c.get("kv_scope") or "", c["cell_id"]))
 

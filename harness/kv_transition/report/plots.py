@@ -255,6 +255,33 @@ def heatmap_figure(data: ReportData, style: Optional[Style] = None) -> tuple[Any
     return fig, tips
 
 
+def text_boxes(fig: Any) -> list[tuple[str, float, Any]]:
+    """Every visible, non-empty text of a figure as (text, font size in pt, window extent in pixels), after a
+    draw with the Agg renderer: what a legibility check measures."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    out = []
+    for t in fig.findobj(Text):
+        if t.get_visible() and t.get_text().strip() and (t.axes is None or t.axes.get_visible()):
+            out.append((t.get_text(), float(t.get_fontsize()), t.get_window_extent(r)))
+    return out
+
+
+def overlapping_texts(fig: Any, tol_px: float = 0.5) -> list[tuple[str, str]]:
+    """Pairs of texts whose boxes overlap by more than `tol_px` in both directions."""
+    boxes = text_boxes(fig)
+    bad = []
+    for i in range(len(boxes)):
+        a = boxes[i][2]
+        for j in range(i + 1, len(boxes)):
+            b = boxes[j][2]
+            if min(a.x1, b.x1) - max(a.x0, b.x0) > tol_px and min(a.y1, b.y1) - max(a.y0, b.y0) > tol_px:
+                bad.append((boxes[i][0], boxes[j][0]))
+    return bad
+
+
 def heatmap(data: ReportData, out: Path, style: Optional[Style] = None) -> Path:
     fig, _ = heatmap_figure(data, style)
     return _save(fig, out / "heatmap.png")
@@ -599,8 +626,7 @@ def task_heatmap(data: ReportData, out: Path, style: Optional[Style] = None) -> 
     fig = plt.figure(figsize=(max(width, 6.0), height))
     ax = fig.add_axes((label_w / max(width, 6.0), bottom / height, ncol * cw / max(width, 6.0),
                        len(cells) * 0.24 / height))
-    cmap = plt.get_cmap("RdBu").copy()
-    cmap.set_bad("#eeeeee")
+    cmap = plt.get_cmap("RdBu").with_extremes(bad="#eeeeee")
     norm = mcolors.TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=1.25)
     ax.imshow(np.ma.masked_invalid(m), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
     ax.grid(False)

@@ -14,7 +14,7 @@ PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#8
            "#bcbd22", "#17becf", "#d62728", "#1f3a93", "#6b8e23", "#ff69b4")
 LINESTYLES: tuple[Any, ...] = ("-", "--", "-.", ":", (0, (5, 1.5, 1, 1.5, 1, 1.5)), (0, (8, 2)), (0, (1, 1)),
                                (0, (3, 1, 1, 1)))
-KNOB_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
+KNOB_MARKERS = ("o", "s", "^", "D", "v", "P", "X")   # 7 vs 8 line styles: 56 distinct pairs
 ENGINE_MARKERS = ("o", "s", "^", "D", "P", "X", "v", "h")
 
 
