@@ -158,6 +158,9 @@ def _interval_text(data: ReportData, c: dict[str, Any]) -> str:
     if not iv or c["is_baseline"]:
         return "–"
     lo, hi, _ = iv
+    first = min((r["mean_tokens"] for r in data.stats.get(c["cell_id"], []) if r.get("mean_tokens")), default=None)
+    if first is not None and hi <= first + 0.5:
+        return f"≤ {hi:,.0f} (1st bin)"
     hi_s = "beyond the longest bin" if hi == float("inf") else f"{hi:,.0f}"
     return f"{lo:,.0f} – {hi_s}"
 
@@ -209,9 +212,8 @@ def _markdown(data: ReportData, summ: list[dict[str, Any]], pngs: list[Path]) ->
     if len(data.tasks) > 1:
         lines += ["## Per-task transitions", ""]
         lines += _md_table(["cell"] + data.tasks,
-                           [[c["label"]] + ["baseline" if c["is_baseline"] else
-                                            (data.task_transitions.get((c["cell_id"], t)) or {}).get("label", "–")
-                                            for t in data.tasks] for c in data.ordered_cells()])
+                           [[c["label"]] + [plots.transition_short(data, c, data.task_transitions.get(
+                               (c["cell_id"], t)) or {}) for t in data.tasks] for c in data.ordered_cells()])
     lines += ["## Provenance", ""]
     lines += _md_table(["cell", "image", "attention", "model@rev", "scope", "dtype", "git sha", "config hash"],
                        [[c["cell_id"], str(c["provenance"]["image"]), str(c["provenance"]["attention_backend"] or "–"),
@@ -359,10 +361,17 @@ def _tasks_html(data: ReportData, by_name: dict[str, Path]) -> str:
     if "task_heatmap.png" in by_name:
         parts.append(_img(by_name["task_heatmap.png"], _CAPTIONS["task_heatmap.png"]))
     cells = data.ordered_cells()
-    rows = [[_td(c["label"])] + [_td("baseline" if c["is_baseline"] else
-                                      (data.task_transitions.get((c["cell_id"], t)) or {}).get("label", "–"))
-                                  for t in data.tasks] for c in cells]
-    parts.append("<h3>Per-task transitions</h3>" + _table("task-transitions", ["cell", *data.tasks], rows,
+    rows = []
+    for c in cells:
+        row = [_td(c["label"])]
+        for t in data.tasks:
+            tt = data.task_transitions.get((c["cell_id"], t))
+            txt = plots.transition_short(data, c, tt or {})
+            row.append(_td(txt, "bad" if tt and tt.get("bin_id") is not None and not c["is_baseline"] else ""))
+        rows.append(row)
+    parts.append("<h3>Per-task transitions</h3><p class='muted'>The same rule per task, against the full cache "
+                 "on that task: ~ = interpolated crossing, ≤ … (1st bin) = already below in the shortest bin, "
+                 "&gt; … → = none up to the longest prompt.</p>" + _table("task-transitions", ["cell", *data.tasks], rows,
                                                           ["base" if c["is_baseline"] else "" for c in cells]))
     if data.longbench:
         parts.append(_longbench_html(data))
@@ -387,11 +396,20 @@ def _longbench_html(data: ReportData) -> str:
 
     tasks, cats, langs = _lb_tasks(data), _lb_categories(data), _lb_langs(data)
     cells = _longbench_cells(data)
-    head = ["cell"] + [f"LongBench avg ({lang})" for lang in langs] + ["task mean"] + cats + tasks
+    head = (["cell"] + [f"LongBench avg ({lang})" for lang in langs] + [f"vs full ({lang})" for lang in langs]
+            + ["task mean"] + cats + tasks)
+    base = {c["engine"]: data.longbench.get(c["cell_id"]) for c in cells if c["is_baseline"]}
     rows = []
     for c in cells:
         s = data.longbench[c["cell_id"]]
-        rows.append([_td(c["label"])] + [_td(_num(s["avg"].get(lang), "{:.2f}")) for lang in langs]
+        b = base.get(c["engine"]) or {}
+        vs = []
+        for lang in langs:
+            mine, theirs = s["avg"].get(lang), (b.get("avg") or {}).get(lang)
+            vs.append(_td("–" if c["is_baseline"] or mine is None or not theirs else f"{100 * mine / theirs:.0f}%",
+                          "bad" if mine is not None and theirs and not c["is_baseline"]
+                          and mine / theirs < data.threshold else ""))
+        rows.append([_td(c["label"])] + [_td(_num(s["avg"].get(lang), "{:.2f}")) for lang in langs] + vs
                     + [_td(_num(s["macro"], "{:.2f}"))] + [_td(_num(s["categories"].get(k), "{:.2f}")) for k in cats]
                     + [_td(_num(s["tasks"].get(t), "{:.2f}")) for t in tasks])
     e_head = ["cell"] + list(LONGBENCH_E_RANGES) + [f"{t} {r}" for t in tasks for r in LONGBENCH_E_RANGES]
@@ -402,7 +420,7 @@ def _longbench_html(data: ReportData) -> str:
                       + [_td(_num((s["e"].get(t) or {}).get(r), "{:.2f}")) for t in tasks for r in LONGBENCH_E_RANGES])
     return ("<h3>LongBench scores (×100)</h3><p class='muted'>As LongBench computes them: per task the mean over its "
             "examples of the best score over the reference answers (eval.py <code>scorer</code>); a category is the "
-            "mean of its tasks; <b>avg</b> is the mean of the category means per language, code tasks counted in "
+            "mean of its tasks (columns: all languages); <b>avg</b> is the mean of the category means per language, code tasks counted in "
             "every language (the leaderboard's Avg); task mean = the plain mean over tasks.</p>"
             + _table("longbench", head, rows)
             + "<h3>LongBench-E view</h3><p class='muted'>Examples split by the dataset's own <code>length</code> "

@@ -115,8 +115,9 @@ def _cell_text(rel: Optional[float], lo: Optional[float], hi: Optional[float]) -
     return f"{100 * rel:.0f}%", ci
 
 
-def transition_short(data: ReportData, c: dict[str, Any]) -> str:
-    t = data.transitions.get(c["cell_id"]) or {}
+def transition_short(data: ReportData, c: dict[str, Any], t: Optional[dict[str, Any]] = None) -> str:
+    """A transition in a few characters: "~2.1k tok", "≤ 1.1k (1st bin)", "> 7.7k →" (beyond the longest bin)."""
+    t = (data.transitions.get(c["cell_id"]) or {}) if t is None else t
     if c["is_baseline"]:
         return "baseline"
     if not t:
@@ -334,12 +335,12 @@ def transition_vs_budget(data: ReportData, out: Path, style: Optional[Style] = N
     handles: dict[str, Any] = {}
     for ax, kind in zip(axes[0], kinds):
         sub = [c for c in cells if c["knob_sort"][0] == kind]
-        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         for c in sub:
-            groups.setdefault((c["engine"], c["method"]), []).append(c)
+            groups.setdefault((c["engine"], c["method"], c.get("kv_scope") or ""), []).append(c)
         dtypes = sorted({c["knob_sort"][1] for c in sub}) if kind == "d" else []
         n = len(groups)
-        for gi, ((engine, method), cs) in enumerate(sorted(groups.items())):
+        for gi, ((engine, method, scope), cs) in enumerate(sorted(groups.items())):
             col = style.colour(method)
             mk = style.engine_marker.get(engine, "o")
             pts = []
@@ -375,7 +376,11 @@ def transition_vs_budget(data: ReportData, out: Path, style: Optional[Style] = N
                     ax.plot([x], [y], marker=mk, color=col, ms=7, ls="none")
                 xs.append(x)
                 ys.append(y)
-            h, = ax.plot(xs, ys, color=col, lw=1.3, alpha=0.9, marker=None)
+            other_scope = scope not in ("", "query_aware")
+            h, = ax.plot(xs, ys, color=col, lw=1.3, alpha=0.9, marker=None, ls=":" if other_scope else "-")
+            if other_scope:
+                ax.annotate(scope, (xs[-1], ys[-1]), xytext=(4, -10), textcoords="offset points", fontsize=6.5,
+                            color=col)
             handles.setdefault(method, h)
         ax.set_yscale("log", base=2)
         from matplotlib.ticker import FuncFormatter, NullLocator
