@@ -328,7 +328,7 @@ def _html(data: ReportData, summ: list[dict[str, Any]], bins_rows: list[dict[str
     if "latency_vs_length.png" in by_name:
         sections.append(("latency", "Latency", _img(by_name["latency_vs_length.png"], _CAPTIONS["latency_vs_length.png"])))
     cols = ("bin_label", "n", "mean", "ci_lo", "ci_hi", "mean_tokens", "rel", "rel_ci_lo", "rel_ci_hi",
-            "kv_bytes_held", "kv_saved_frac", "ttft_p50", "tpot_p50", "output_tok_s")
+            "kv_bytes_held", "kv_saved_frac", "peak_kv_usage", "peak_gpu_mem", "ttft_p50", "tpot_p50", "output_tok_s")
     label = {c["cell_id"]: c["label"] for c in cells}
     drows = [[_td(label[r["cell"]])] + [_td(_num(r[k]) if isinstance(r[k], float) else (r[k] if r[k] is not None else "–"))
                                         for k in cols] for r in bins_rows]
