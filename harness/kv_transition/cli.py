@@ -230,6 +230,9 @@ def report_stage(paths: Any) -> Any:
     finally:
         conn.close()
     files = write_report(data, paths.report_dir)
+    if not data.cells:
+        console.print("[yellow]no analysed cells in this DB: the report is empty (run `kvt score` and "
+                      "`kvt analyze` first)[/yellow]")
     console.print(summary_table(data))
     console.print(f"report: {files.html}\n        {files.markdown}")
     return files

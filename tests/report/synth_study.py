@@ -75,7 +75,7 @@ def _cell_id(c: dict[str, Any], group: str) -> str:
 
 def make_study_db(path: Path, *, n_cells: int = 40, group: str = "synth40", per_task_bin: int = 5, seed: int = 0,
                   n_boot: int = 200, git_sha: str = "0123abcd", shift: float = 1.0,
-                  attention_backend: Optional[str] = None) -> dict[str, Any]:
+                  attention_backend: Optional[str] = None, tasks: Optional[tuple[str, ...]] = None) -> dict[str, Any]:
     """Write the study DB; `shift` scales every transition length (a second group for --compare)."""
     rng = np.random.default_rng(seed)
     conn = connect(path)
@@ -95,6 +95,8 @@ def make_study_db(path: Path, *, n_cells: int = 40, group: str = "synth40", per_
                                    for b, lab, lo, hi, _ in BINS])
         examples, entries = [], []
         for task, lang, cat, _ in TASKS:
+            if tasks is not None and task not in tasks:
+                continue
             for b, _, lo, hi, mid in BINS:
                 for k in range(per_task_bin):
                     ex_id = f"{task}-{b}-{k}"

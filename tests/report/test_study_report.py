@@ -186,6 +186,22 @@ def test_report_files_provenance_and_tasks(study, tmp_path: Path):
                                              "memory_pareto.png", "task_heatmap.png", "latency_vs_length.png"}
 
 
+def test_single_longbench_task_still_gets_longbench_numbers(tmp_path: Path):
+    db = tmp_path / "one" / "kv_transition.sqlite"
+    db.parent.mkdir()
+    make_study_db(db, n_cells=12, group="one", per_task_bin=3, n_boot=50, tasks=("hotpotqa",))
+    conn = connect(db)
+    data = load_report_data(conn)
+    conn.close()
+    assert data.tasks == ["hotpotqa"] and not data.task_stats
+    files = write_report(data, tmp_path / "report")
+    html = files.html.read_text()
+    assert "id='longbench'" in html and "id='longbench-e'" in html and "id='task-transitions'" not in html
+    assert "task_heatmap.png" not in {p.name for p in files.pngs}
+    full = next(c for c in data.cells if c["label"] == "kvpress/full")
+    assert set(data.longbench[full["cell_id"]]["avg"]) == {"en"}
+
+
 def test_attention_backend_read_only_when_the_column_exists(tmp_path: Path):
     db = tmp_path / "g" / "kv_transition.sqlite"
     db.parent.mkdir()

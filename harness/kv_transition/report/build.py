@@ -323,8 +323,8 @@ def _html(data: ReportData, summ: list[dict[str, Any]], bins_rows: list[dict[str
             "(kv_press_applied: <code>freed</code>/<code>masked</code>, or bytes after ≥ bytes before).</p>")
         sections.append(("memory", "Accuracy vs KV memory actually held",
                          _img(by_name["memory_pareto.png"], _CAPTIONS["memory_pareto.png"]) + note))
-    if len(data.tasks) > 1:
-        sections.append(("tasks", "Per task", _tasks_html(data, by_name)))
+    if len(data.tasks) > 1 or data.longbench:
+        sections.append(("tasks", "Per task" if len(data.tasks) > 1 else "LongBench", _tasks_html(data, by_name)))
     if "latency_vs_length.png" in by_name:
         sections.append(("latency", "Latency", _img(by_name["latency_vs_length.png"], _CAPTIONS["latency_vs_length.png"])))
     cols = ("bin_label", "n", "mean", "ci_lo", "ci_hi", "mean_tokens", "rel", "rel_ci_lo", "rel_ci_hi",
@@ -361,6 +361,8 @@ def _tasks_html(data: ReportData, by_name: dict[str, Path]) -> str:
     if "task_heatmap.png" in by_name:
         parts.append(_img(by_name["task_heatmap.png"], _CAPTIONS["task_heatmap.png"]))
     cells = data.ordered_cells()
+    if len(data.tasks) < 2:
+        return "".join(parts) + (_longbench_html(data) if data.longbench else "")
     rows = []
     for c in cells:
         row = [_td(c["label"])]

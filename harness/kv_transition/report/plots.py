@@ -538,7 +538,7 @@ def memory_pareto(data: ReportData, out: Path, style: Optional[Style] = None) ->
         return None
     ncols = min(4, len(bins))
     nrows = math.ceil(len(bins) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.9 * nrows + 0.9), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.9 * nrows + 0.75), sharey=True, squeeze=False)
     sources: set[str] = set()
     any_masked = False
     for k, b in enumerate(bins):
@@ -592,7 +592,7 @@ def memory_pareto(data: ReportData, out: Path, style: Optional[Style] = None) ->
     fig.suptitle("Accuracy vs KV memory actually held, per length bin (filled: engine-reported bytes; hollow: "
                  f"derived or telemetry)\nsource: {src}", fontsize=8.5, x=0.01, ha="left")
     fig.tight_layout(rect=(0, (0.1 + 0.2 * math.ceil(len(hs) / 7)) / fig.get_figheight(), 1,
-                           1 - 0.4 / fig.get_figheight()))
+                           1 - 0.3 / fig.get_figheight()))
     return _save(fig, out / "memory_pareto.png")
 
 
