@@ -89,6 +89,14 @@ def test_one_colour_per_method_everywhere(study):
     knobs = {c["knob"] for c in data.cells if c["knob"]}
     assert len({str(st.linestyle(k)) + st.marker(k) for k in knobs}) == len(knobs)
     assert plots.style_of(data) == st                        # deterministic
+    from matplotlib.colors import to_rgb
+
+    def lum(c: str) -> float:
+        r, g, b = [x / 12.92 if x <= 0.03928 else ((x + 0.055) / 1.055) ** 2.4 for x in to_rgb(c)]
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    # method names are printed in their colour: legible on white (WCAG contrast ≥ 3)
+    assert min(1.05 / (lum(c) + 0.05) for c in colours) >= 3.0
 
 
 def test_transition_intervals_and_beyond_the_longest_bin(study):
