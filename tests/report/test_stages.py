@@ -113,6 +113,11 @@ def test_score_analyze_report(recorded, capsys: pytest.CaptureFixture):
     assert all(r["runtime"] == "process" and r["scope"] == "query_aware" for r in prov)
     md = (rep / "report.md").read_text()
     assert "| kvpress/snapkv r=0.5 |" in md and "0%" in md and "![heatmap](heatmap.png)" in md
+    # --out writes the same report elsewhere and leaves runs/<exp>/report alone
+    before = (rep / "index.html").stat().st_mtime_ns
+    assert main(["report", *c, "--out", str(paths.run_dir / "elsewhere")]) == 0
+    assert (paths.run_dir / "elsewhere" / "index.html").read_text() == (rep / "index.html").read_text()
+    assert (rep / "index.html").stat().st_mtime_ns == before
 
 
 def test_report_without_db_is_a_clear_error(small_synthetic: Path, capsys: pytest.CaptureFixture):

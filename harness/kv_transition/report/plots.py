@@ -414,6 +414,7 @@ def transition_vs_budget(data: ReportData, out: Path, style: Optional[Style] = N
     fig.legend(handles=hs, loc="center left", bbox_to_anchor=(1 - 1.7 / fig.get_figwidth(), 0.5), fontsize=8,
                frameon=False)
     fig.tight_layout(rect=(0, 0, 1 - 1.8 / fig.get_figwidth(), 1 - 0.55 / fig.get_figheight()))
+    fig.subplots_adjust(top=1 - 0.62 / fig.get_figheight())
     return _save(fig, out / "transition_vs_budget.png")
 
 
