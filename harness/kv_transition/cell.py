@@ -34,6 +34,7 @@ from kv_transition.errors import ConfigError
 from kv_transition.manifest import from_db
 from kv_transition.runner import DbWriter, Runner, RunnerOptions, RunStats, WorkItem
 from kv_transition.runtime.base import CELL_LABEL, GROUP_LABEL, OWNER_LABEL, EngineStartError, Instance, Runtime, get_runtime
+from kv_transition.runtime.external import normalize_base_url
 from kv_transition.telemetry import TelemetrySampler
 
 KV_CARRIER = "kv_press"  # the per-request method object of request-mode engines
@@ -66,6 +67,8 @@ def _log_tail_text(rt: Any, inst: Instance, log_path: Any) -> str:
         return ""
     where = inst.log_path or log_path
     return f"\nlast {LOG_TAIL_LINES} engine log lines ({where}):\n{tail}"
+GENERIC_ENGINE = "openai"  # engines/openai/engine.yaml: any OpenAI-compatible server
+EXTERNAL_READINESS_TIMEOUT_S = 30.0  # runtime external without engine.readiness_timeout_s
 
 
 @dataclass
@@ -201,11 +204,10 @@ def resolve_cell_spec(cfg: Config, *, engine: Optional[str] = None, method: Opti
     if rt == "external":
         if not url:
             raise ConfigError("engine.base_url: runtime 'external' needs a base URL (--base-url)")
+        url = normalize_base_url(url)
         u = urlsplit(url)
-        if u.scheme not in ("http", "https") or not u.hostname:
-            raise ConfigError(f"engine.base_url: {url!r} is not an http(s) URL")
-        host, port = u.hostname, u.port or (443 if u.scheme == "https" else 80)
-    eng = load_engine(engine or cfg.engine.name)
+        host, port = u.hostname or host, u.port or (443 if u.scheme == "https" else 80)
+    eng = load_engine(engine or default_engine(cfg, rt))
     md = eng.methods.get(method)
     if md is not None and md.supports and not md.baseline and compression_ratio is None and budget is None:
         raise ConfigError(f"kv.method: {eng.name}/{method} needs a compression ratio or a budget "
@@ -214,12 +216,38 @@ def resolve_cell_spec(cfg: Config, *, engine: Optional[str] = None, method: Opti
         eng, method, compression_ratio=compression_ratio, budget=budget,
         model_path=model_source(cfg.model) or cfg.model.id, served_model=cfg.model.id, host=host, port=port,
         gpus=cfg.engine.gpus, device=cfg.engine.device, dtype=cfg.engine.dtype, max_context=cfg.model.max_context,
-        extra_args=cfg.engine.extra_args, env=cfg.engine.env, host_env=dict(os.environ), params=cfg.kv.params or None,
+        extra_args=cfg.engine.extra_args, env=cfg.engine.env, host_env=dict(os.environ),
+        params={"model_file": model_file(cfg), **(cfg.kv.params or {})},
         tensor_parallel=tensor_parallel or 1, digest=digest, runtime=rt, tag=cfg.engine.tag,
     )
     if cfg.engine.readiness_timeout_s:
         spec = dataclasses.replace(spec, readiness_timeout_s=cfg.engine.readiness_timeout_s)
-    return spec, rt, (url.rstrip("/") if rt == "external" and url else None)
+    elif rt == "external":  # someone else's server: it is up or it is not; no 15-minute model-load wait
+        spec = dataclasses.replace(spec, readiness_timeout_s=EXTERNAL_READINESS_TIMEOUT_S)
+    return spec, rt, (url if rt == "external" and url else None)
+
+
+def model_file(cfg: Config) -> str:
+    """{model_file} in engine args: the model as a file path — a `package:NAME` source (the PyPI model
+    wheel) becomes the GGUF inside the installed package (engines such as llama.cpp load only files)."""
+    from kv_transition.tokens import model_source, package_gguf
+
+    src = model_source(cfg.model) or cfg.model.id
+    if src.startswith("package:"):
+        try:
+            return str(package_gguf(src.split(":", 1)[1]))
+        except ConfigError:
+            return src
+    return src
+
+
+def default_engine(cfg: Config, runtime: str) -> str:
+    """The engine when no --engine is given: engine.name, except for an external server that the config
+    does not itself describe (runtime external from the command line, or no engine.name in the config):
+    that is the generic `openai` engine, labelled as such."""
+    if runtime == "external" and not (cfg.engine.runtime == "external" and "name" in cfg.engine.model_fields_set):
+        return GENERIC_ENGINE
+    return cfg.engine.name
 
 
 # --- DB bookkeeping -----------------------------------------------------------------------------
@@ -271,7 +299,8 @@ def _prepare_rows(conn: Any, cfg: Config, spec: ResolvedSpec, cell_id: str, inpu
         for e in entries:
             rid, status, n_att = existing[(e["example_id"], r)]
             if status != "ok":
-                items.append(WorkItem(rid, e["example_id"], r, request_body(e, spec, cfg), n_att))
+                items.append(WorkItem(rid, e["example_id"], r, request_body(e, spec, cfg), n_att,
+                                      prompt_tokens=e.get("final_tokens")))
     return run_id, items
 
 
@@ -403,10 +432,12 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
         repeats = cfg.decoding.repeats
         n_todo = len(items)
         log_path = paths.logs_dir / f"{cell_id}.log"
+        if rt_name == "external" and runtime_impl is None:
+            log_path = None  # someone else's server: no engine log here (nothing is printed or recorded)
         if not items:
             n_req, n_ok, n_failed = _finish(conn, cell_id, run_id, "completed", None, 0, None, repeats)
             return CellResult(cell_id, run_id, "completed", "nothing to send: every request has a response",
-                              n_req, n_ok, n_failed, 0, None, spec, str(log_path))
+                              n_req, n_ok, n_failed, 0, None, spec, _existing(log_path))
         paths.logs_dir.mkdir(parents=True, exist_ok=True)
         rt = runtime_impl or _get_runtime(rt_name, ext_url)
         labels = {OWNER_LABEL: "kv-transition", GROUP_LABEL: cfg.experiment.group_id, CELL_LABEL: cell_id}
@@ -426,8 +457,10 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
         try:
             with rt.running(spec, labels, log_path) as inst:
                 inst_ref = inst
-                instance_id = _record_instance(conn, run_id, cell_id, rt_name, spec, inst, None, str(log_path))
-                runner = Runner(inst.base_url, writer, run_id, opts, transport=transport)
+                instance_id = _record_instance(conn, run_id, cell_id, rt_name, spec, inst, None, _existing(log_path))
+                _after_ready_events(conn, run_id, cell_id, spec, inst, items)
+                runner = Runner(inst.base_url, writer, run_id, opts, transport=transport,
+                                cache_bust=spec.cache_bust_request, count_tokens=_token_counter(cfg, paths))
                 sampler = None
                 if cfg.telemetry.enabled:
                     want_gpu = cfg.telemetry.nvml and spec.gpu and cfg.engine.device != "cpu"
@@ -439,7 +472,7 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
                         if cfg.telemetry.engine_metrics and spec.metrics_path else None,
                         metric_names=spec.kv_usage_metrics if cfg.telemetry.engine_metrics else (),
                     ).start()
-                dog = _Watchdog(rt, inst, runner, watchdog_interval_s)
+                dog = _Watchdog(rt, inst, runner, max(watchdog_interval_s, getattr(rt, "liveness_interval_s", None) or 0))
                 dog.start()
                 try:
                     from kv_transition.runner.progress import cell_progress
@@ -478,7 +511,7 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
         except EngineStartError as e:
             status, reason = "failed", f"engine start failed: {e}"
             if instance_id is None:
-                instance_id = _record_instance(conn, run_id, cell_id, rt_name, spec, None, str(e), str(log_path))
+                instance_id = _record_instance(conn, run_id, cell_id, rt_name, spec, None, str(e), _existing(log_path))
                 conn.execute("UPDATE engine_instances SET exit_code=? WHERE instance_id=?", (e.returncode, instance_id))
         except (KeyboardInterrupt, SystemExit) as e:  # SIGINT / SIGTERM (runtime.signals raises these)
             interrupted = e
@@ -507,9 +540,58 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
         if status == "incomplete" and n_ok == n_req:  # e.g. the engine died after the last response
             status, reason = "completed", None
             _finish(conn, cell_id, run_id, status, reason, n_todo, stats, repeats)
-        return CellResult(cell_id, run_id, status, reason, n_req, n_ok, n_failed, n_todo, stats, spec, str(log_path))
+        return CellResult(cell_id, run_id, status, reason, n_req, n_ok, n_failed, n_todo, stats, spec,
+                          _existing(log_path))
     finally:
         conn.close()
+
+
+def _existing(log_path: Any) -> Optional[str]:
+    """The engine log's path when there is one on disk (an external server has none)."""
+    return str(log_path) if log_path is not None and os.path.isfile(log_path) else None
+
+
+def _token_counter(cfg: Config, paths: Paths) -> Any:
+    """count(text) → tokens with the model's tokenizer, loaded on first use (only when a server sends no
+    completion token count); None if it cannot be loaded (the count stays NULL)."""
+    state: dict[str, Any] = {}
+
+    def count(text: str) -> Optional[int]:
+        if "tok" not in state:
+            try:
+                from kv_transition.tokens import load_tokenizer
+
+                state["tok"] = load_tokenizer(cfg.model.tokenizer, paths.tokenizer_cache)
+            except Exception:  # noqa: BLE001 - a missing tokenizer must not fail the cell
+                state["tok"] = None
+        return state["tok"].count(text) if state["tok"] is not None else None
+
+    return count
+
+
+def _after_ready_events(conn: Any, run_id: int, cell_id: str, spec: ResolvedSpec, inst: Instance,
+                        items: list[WorkItem]) -> None:
+    """Record what the runtime learned after readiness; point the bodies at the served model name."""
+    served = inst.served_model or spec.served_model
+    if served != spec.served_model:
+        for it in items:
+            it.body["model"] = served
+        _event(conn, run_id, cell_id, "info", "served_model", f"the server serves {served!r}; requests name it",
+               {"served_model": served, "model_id": spec.served_model})
+    if inst.ready_url and not inst.ready_url.endswith(spec.health_path):
+        _event(conn, run_id, cell_id, "info", "readiness_fallback", f"{spec.health_path} has no route; ready by "
+               f"{inst.ready_url}", {"url": inst.ready_url})
+    if spec.verify:
+        if inst.verified is not None:
+            _event(conn, run_id, cell_id, "info", "kv_verified", f"the engine log shows {inst.verified}", inst.verified)
+        elif not spec.baseline:
+            _event(conn, run_id, cell_id, "warning", "kv_unverified",
+                   f"{spec.engine}/{spec.method}: not verified (the {inst.runtime} runtime has no engine log): the "
+                   "cell's label is what was claimed, not what was checked")
+    if not spec.cache_bust_request and any(it.attempts_before or it.repeat for it in items):
+        _event(conn, run_id, cell_id, "warning", "cache_unprotected",
+               f"{spec.engine} has no request knob against its prefix cache: retries and repeats are flagged "
+               "cache_flag='unprotected' unless the server reports cached tokens")
 
 
 def _pct(xs: list[float], q: float) -> Optional[float]:
@@ -527,8 +609,8 @@ def cell_summary(db_path: Any, res: CellResult) -> dict[str, Any]:
     conn = connect(db_path, readonly=True)
     try:
         lat = conn.execute(
-            "SELECT p.ttft_s, p.tpot_s, p.e2e_s FROM responses p JOIN requests q USING(request_id)"
-            " WHERE q.cell_id = ?", (res.cell_id,)).fetchall()
+            "SELECT p.ttft_s, p.tpot_s, p.e2e_s, p.cache_flag, p.token_source FROM responses p"
+            " JOIN requests q USING(request_id) WHERE q.cell_id = ?", (res.cell_id,)).fetchall()
         attempts = conn.execute("SELECT COUNT(*), SUM(ok = 0) FROM attempts WHERE run_id = ?", (res.run_id,)).fetchone()
     finally:
         conn.close()
@@ -545,8 +627,14 @@ def cell_summary(db_path: Any, res: CellResult) -> dict[str, Any]:
         "output_tokens_per_s": (st.completion_tokens / st.elapsed_s) if st and st.elapsed_s > 0 else None,
         "run_id": res.run_id, "log": res.log_path,
     }
+    flagged = sum(1 for r in lat if r[3])
+    if flagged:
+        out["cache-served (left out of latency)"] = f"{flagged}/{len(lat)} responses (responses.cache_flag)"
+    harness_counted = sum(1 for r in lat if r[4] in ("harness", "mixed"))
+    if harness_counted:
+        out["token counts"] = f"{harness_counted}/{len(lat)} counted by the harness tokenizer (server sent no usage)"
     for name, i in (("ttft_s", 0), ("tpot_s", 1), ("e2e_s", 2)):
-        xs = [r[i] for r in lat if r[i] is not None]
+        xs = [r[i] for r in lat if r[i] is not None and not r[3]]
         if xs:
             out[f"{name} p50"] = _pct(xs, 0.5)
             out[f"{name} p95"] = _pct(xs, 0.95)

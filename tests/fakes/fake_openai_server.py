@@ -41,6 +41,12 @@ Fault knobs (flag / environment variable; env applies when the flag is absent)
   --ignore-sigterm         FAKE_IGNORE_SIGTERM=1    ignore SIGTERM (tests the SIGKILL escalation)
   --spawn-child            FAKE_SPAWN_CHILD=1       start a sleeping child process in the same process
                                                     group (tests that stop kills the whole group)
+  --no-health              FAKE_NO_HEALTH=1         /health answers 404 (no such route: llama-cpp-python's server)
+  --no-usage               FAKE_NO_USAGE=1          never send usage, streaming or not (llama-cpp-python streams)
+  --prefix-cache           FAKE_PREFIX_CACHE=1      a prompt seen before is "served from cache": TTFT 0 and
+                                                    `timings.cache_n` = its prompt tokens (llama-server style;
+                                                    0 for a new prompt); a body with cache_prompt false is
+                                                    never served from it
   --model NAME             FAKE_MODEL               served model id (default "fake-model")
   --version V              FAKE_VERSION             what GET /version reports (default "0.0.0-fake")
   --reply TEXT             FAKE_REPLY               reply words
@@ -93,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--token-delay", type=float, default=float(e("FAKE_TOKEN_DELAY", "0")))
     p.add_argument("--ignore-sigterm", action="store_true", default=e("FAKE_IGNORE_SIGTERM") == "1")
     p.add_argument("--spawn-child", action="store_true", default=e("FAKE_SPAWN_CHILD") == "1")
+    p.add_argument("--no-health", action="store_true", default=e("FAKE_NO_HEALTH") == "1")
+    p.add_argument("--no-usage", action="store_true", default=e("FAKE_NO_USAGE") == "1")
+    p.add_argument("--prefix-cache", action="store_true", default=e("FAKE_PREFIX_CACHE") == "1")
     return p.parse_args(argv)
 
 
@@ -109,6 +118,7 @@ class State:
         self.completed = 0
         self.tokens_out = 0
         self.started = time.monotonic()
+        self.seen_prompts: set[str] = set()
 
     def next_index(self) -> int:
         with self.lock:
@@ -153,7 +163,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         st = self.state
         path = self.path.split("?", 1)[0]
-        if path == "/health":
+        if path == "/health" and not st.opts.no_health:
             if time.monotonic() - st.started < st.opts.unhealthy_for:
                 return self._text(503, "starting", "text/plain")
             return self._text(200, "", "text/plain")
@@ -220,6 +230,16 @@ class Handler(BaseHTTPRequestHandler):
                  "total_tokens": len(prompt.split()) + len(out)}
         extras = {k: v for k, v in body.items() if k not in KNOWN_FIELDS}
         meta = {"request_index": i, "extras": extras}
+        timings = None
+        if o.prefix_cache:
+            with st.lock:
+                hit = prompt in st.seen_prompts and body.get("cache_prompt", True) is not False
+                st.seen_prompts.add(prompt)
+            timings = {"cache_n": usage["prompt_tokens"] if hit else 0,
+                       "prompt_n": 0 if hit else usage["prompt_tokens"]}
+            meta["cache_hit"] = hit
+        if o.no_usage:
+            usage = None
         rid = f"{'chatcmpl' if chat else 'cmpl'}-fake-{i}"
         obj = "chat.completion" if chat else "text_completion"
         stall = _every(o.stall_every, i)
@@ -227,9 +247,9 @@ class Handler(BaseHTTPRequestHandler):
             st.in_flight += 1
         try:
             if body.get("stream"):
-                self._stream(i, rid, chat, obj, out, finish, usage, meta, body, stall)
+                self._stream(i, rid, chat, obj, out, finish, usage, meta, body, stall, timings)
             else:
-                if o.ttft:
+                if o.ttft and not meta.get("cache_hit"):
                     time.sleep(o.ttft)
                 if stall:
                     log(f"request {i}: stalling {o.stall_s}s")
@@ -239,8 +259,13 @@ class Handler(BaseHTTPRequestHandler):
                 text = " ".join(out)
                 choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
                           if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
-                self._json(200, {"id": rid, "object": obj, "created": int(time.time()), "model": o.model,
-                                 "choices": [choice], "usage": usage, "kvt_fake": meta})
+                resp = {"id": rid, "object": obj, "created": int(time.time()), "model": o.model,
+                        "choices": [choice], "usage": usage, "kvt_fake": meta}
+                if usage is None:
+                    del resp["usage"]
+                if timings is not None:
+                    resp["timings"] = timings
+                self._json(200, resp)
             with st.lock:
                 st.completed += 1
                 st.tokens_out += len(out)
@@ -251,7 +276,7 @@ class Handler(BaseHTTPRequestHandler):
                 st.in_flight -= 1
 
     def _stream(self, i: int, rid: str, chat: bool, obj: str, out: list[str], finish: str, usage: dict,
-                meta: dict, body: dict, stall: bool) -> None:
+                meta: dict, body: dict, stall: bool, timings: dict | None = None) -> None:
         o = self.state.opts
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -266,7 +291,7 @@ class Handler(BaseHTTPRequestHandler):
             d.update(extra or {})
             self._chunk(b"data: " + json.dumps(d).encode() + b"\n\n")
 
-        if o.ttft:
+        if o.ttft and not meta.get("cache_hit"):
             time.sleep(o.ttft)
         if chat:
             event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
@@ -290,8 +315,10 @@ class Handler(BaseHTTPRequestHandler):
             event([{"index": 0, "delta": {}, "finish_reason": finish} if chat else
                    {"index": 0, "text": "", "finish_reason": finish, "logprobs": None}], {"kvt_fake": meta})
         so = body.get("stream_options")
-        if isinstance(so, dict) and so.get("include_usage"):
+        if usage is not None and isinstance(so, dict) and so.get("include_usage"):
             event([], {"usage": usage})
+        if timings is not None:
+            event([], {"timings": timings})
         self._chunk(b"data: [DONE]\n\n")
         self._chunk(b"")  # end of chunked body
 

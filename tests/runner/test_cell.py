@@ -120,3 +120,11 @@ def test_external_runtime_needs_a_url(cell_env) -> None:
         resolve_cell_spec(cfg, runtime="external")
     spec, rt, url = resolve_cell_spec(cfg, runtime="external", base_url="http://127.0.0.1:8123/")
     assert (rt, url, spec.base_url) == ("external", "http://127.0.0.1:8123", "http://127.0.0.1:8123")
+    # no --engine, and the config describes a local engine: the server is the generic `openai` engine
+    assert (spec.engine, spec.method, spec.readiness_timeout_s) == ("openai", "full", 30.0)
+    spec, _, url = resolve_cell_spec(cfg, engine="fake", runtime="external", base_url="http://127.0.0.1:8123/v1/")
+    assert (spec.engine, url) == ("fake", "http://127.0.0.1:8123")
+    cfg_ext, _ = cell_env(1, engine={"runtime": "external", "base_url": "http://127.0.0.1:8123/v1",
+                                     "readiness_timeout_s": 5})
+    spec, _, url = resolve_cell_spec(cfg_ext)  # the config names its engine for this server: that one
+    assert (spec.engine, url, spec.readiness_timeout_s) == ("fake", "http://127.0.0.1:8123", 5)

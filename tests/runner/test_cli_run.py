@@ -19,12 +19,12 @@ def _cfg(tmp_path, cell_env, **sections) -> str:
 def test_kvt_run_external_ok_then_incomplete_exit_codes(tmp_path, cell_env, fake_server, capsys) -> None:
     url, _ = fake_server()
     cfg = _cfg(tmp_path, cell_env)
-    assert main(["run", "-c", cfg, "--runtime", "external", "--base-url", url, "-q", "--json"]) == 0
+    assert main(["run", "-c", cfg, "--engine", "fake", "--runtime", "external", "--base-url", url, "-q", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["status"] == "completed" and out["requests"].startswith("4 ok") and out["ttft_s p50"] is not None
 
     bad, _ = fake_server("--fail-first", "100", "--fail-status", "400")
-    assert main(["run", "-c", cfg, "--method", "snapkv", "--ratio", "0.5", "--runtime", "external",
+    assert main(["run", "-c", cfg, "--engine", "fake", "--method", "snapkv", "--ratio", "0.5", "--runtime", "external",
                  "--base-url", bad, "-q", "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["status"] == "incomplete" and out["cell_id"].startswith("fake.snapkv.r0.5-")

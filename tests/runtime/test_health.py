@@ -13,7 +13,7 @@ def test_health_poll_builds_one_tls_context_not_one_per_probe(monkeypatch):
     """httpx.get without `verify` loads the CA bundle on every call (~28 ms CPU): a 0.05 s poll over an
     engine's start then burns a core. wait_healthy/probe must reuse one context."""
     made, probes = [], []
-    real_ctx, real_probe = ssl.create_default_context, health.probe
+    real_ctx, real_probe = ssl.create_default_context, health.probe_status
 
     def counting_ctx(*a, **k):
         made.append(1)
@@ -24,7 +24,7 @@ def test_health_poll_builds_one_tls_context_not_one_per_probe(monkeypatch):
         return real_probe(*a, **k)
 
     monkeypatch.setattr(ssl, "create_default_context", counting_ctx)
-    monkeypatch.setattr(health, "probe", counting_probe)
+    monkeypatch.setattr(health, "probe_status", counting_probe)  # every GET (probe and the poll)
     monkeypatch.setattr(health, "_SSL_CTX", None, raising=False)
     url, srv, t = serve_in_thread(["--unhealthy-for", "0.5"])
     try:

@@ -70,7 +70,7 @@ def _resource_stats(conn: sqlite3.Connection, cell_id: str) -> dict[int, dict[st
     the time window of that bin's requests."""
     resp = conn.execute(
         """SELECT m.bin_id, p.run_id, p.ttft_s, p.tpot_s, p.e2e_s, p.prompt_tokens, p.completion_tokens,
-                  p.kv_applied_json, p.created_at
+                  p.kv_applied_json, p.created_at, p.cache_flag
            FROM responses p JOIN requests r USING (request_id)
            JOIN manifest_entries m ON m.dataset_id = r.dataset_id AND m.example_id = r.example_id
            WHERE r.cell_id = ?""", (cell_id,)).fetchall()
@@ -87,12 +87,13 @@ def _resource_stats(conn: sqlite3.Connection, cell_id: str) -> dict[int, dict[st
 
         comp = sum(r["completion_tokens"] or 0 for r in rs)
         e2e = sum(r["e2e_s"] or 0 for r in rs)
-        prefill = [r["prompt_tokens"] / r["ttft_s"] for r in rs if r["ttft_s"] and r["prompt_tokens"]]
+        lat = [r for r in rs if not r["cache_flag"]]  # a cache-served timing is no prefill measurement
+        prefill = [r["prompt_tokens"] / r["ttft_s"] for r in lat if r["ttft_s"] and r["prompt_tokens"]]
         d: dict[str, Optional[float]] = {
             "kv_tokens_before": kmean("kv_tokens_before"), "kv_tokens_after": kmean("kv_tokens_after"),
             "kv_bytes_after": kmean("kv_bytes_after"),
-            "ttft_p50": percentile([r["ttft_s"] for r in rs], 50), "ttft_p90": percentile([r["ttft_s"] for r in rs], 90),
-            "tpot_p50": percentile([r["tpot_s"] for r in rs], 50), "tpot_p90": percentile([r["tpot_s"] for r in rs], 90),
+            "ttft_p50": percentile([r["ttft_s"] for r in lat], 50), "ttft_p90": percentile([r["ttft_s"] for r in lat], 90),
+            "tpot_p50": percentile([r["tpot_s"] for r in lat], 50), "tpot_p90": percentile([r["tpot_s"] for r in lat], 90),
             "output_tok_s": comp / e2e if e2e > 0 else None,
             "prefill_tok_s": float(np.median(prefill)) if prefill else None,
             "peak_gpu_mem": None, "peak_kv_usage": None, "peak_rss": None,

@@ -370,3 +370,17 @@ MIGRATIONS.append(
         """,
     )
 )
+
+MIGRATIONS.append(
+    (
+        7,
+        "responses: cached prompt tokens, cache busting and cache flag, token count source",
+        """
+        ALTER TABLE responses ADD COLUMN cached_tokens INTEGER;  -- prompt tokens the engine served from its cache
+        ALTER TABLE responses ADD COLUMN cached_source TEXT;     -- the response field that number came from
+        ALTER TABLE responses ADD COLUMN cache_bust TEXT;        -- JSON body fields sent to defeat the prefix cache
+        ALTER TABLE responses ADD COLUMN cache_flag TEXT;        -- cached | unprotected | NULL (a clean timing)
+        ALTER TABLE responses ADD COLUMN token_source TEXT;      -- server | harness | mixed | NULL (none reported)
+        """,
+    )
+)

@@ -27,7 +27,7 @@ def engines_root() -> Path:
     env = os.environ.get("KVT_ENGINES_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / "engines"
+    return builtin_engines_root()
 
 
 class _Strict(BaseModel):
@@ -36,6 +36,8 @@ class _Strict(BaseModel):
 
 class HealthDef(_Strict):
     path: str = "/health"
+    # tried in order when `path` answers 404/405/501 (a server without a health route, e.g. llama-cpp-python)
+    fallback_paths: list[str] = Field(default_factory=list)
     readiness_timeout_s: float = 900.0
     interval_s: float = 1.0
 
@@ -51,6 +53,17 @@ class BuildDef(_Strict):
     args: dict[str, str] = Field(default_factory=dict)
 
 
+RuntimeName = Literal["docker", "process", "external"]
+
+
+class MethodRuntimeDef(_Strict):
+    """What one method does differently under one runtime (e.g. another server binary's flags)."""
+
+    args: Optional[list[str]] = None              # replaces the method's args
+    request: Optional[dict[str, Any]] = None      # replaces the method's request fields
+    unsupported: Optional[str] = None             # the reason this method cannot run under this runtime
+
+
 class MethodDef(_Strict):
     description: str = ""
     args: list[str] = Field(default_factory=list)           # server args (server-mode engines)
@@ -59,6 +72,30 @@ class MethodDef(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)    # defaults for {placeholders} in args
     supports: list[Literal["compression_ratio", "budget"]] = Field(default_factory=list)
     baseline: bool = False                                   # the full-cache reference of this engine
+    runtimes: dict[RuntimeName, MethodRuntimeDef] = Field(default_factory=dict)
+
+
+class PrefixCacheDef(_Strict):
+    """How a retry or a repeat of a prompt is kept from being served by the engine's prefix cache.
+
+    `bust_request` fields are merged into the body of every retry and every repeat > 0; a string value
+    "{nonce}" becomes a value unique to that attempt (vLLM `cache_salt`). Empty = the engine has no such
+    knob: those responses are flagged `cache_risk` and the report leaves their latencies out."""
+
+    bust_request: dict[str, Any] = Field(default_factory=dict)
+    note: str = ""
+
+
+class VerifyDef(_Strict):
+    """Proof, read from the engine's log after it is ready, that it runs what the cell claims.
+
+    `log_regex` (Python re, MULTILINE) must match; each `expect` key names a group of it whose text must
+    equal the value ({placeholders} filled like args). No match within `timeout_s` or a different value:
+    the cell is refused with the reason."""
+
+    log_regex: str
+    expect: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float = 10.0
 
 
 class VersionDef(_Strict):
@@ -67,20 +104,33 @@ class VersionDef(_Strict):
     key: str = "version"       # JSON key of the version string
 
 
-class RuntimeVariantDef(_Strict):
-    """Per-runtime overrides: how the same engine runs without its container (e.g. a pip-installed vLLM
-    under the process runtime). `image` is what is recorded instead of the container image."""
+class EngineRuntimeDef(_Strict):
+    """How the same engine runs under one runtime (e.g. a pip-installed vLLM, or llama-cpp-python's
+    server, under the process runtime; the docker image's binary may take other flags). A key set here
+    replaces the engine's; `env` is merged over it; `image` is what is recorded instead of the container
+    image (its digest is dropped)."""
+
     description: str = ""
     image: Optional[str] = None
     command: Optional[list[str]] = None
-    env: dict[str, str] = Field(default_factory=dict)
+    args: Optional[list[str]] = None
+    env: Optional[dict[str, str]] = None
+    health: Optional[HealthDef] = None
+    models_path: Optional[str] = None
+    metrics: Optional[MetricsDef] = None
+    request: Optional[dict[str, Any]] = None
+    prefix_cache: Optional[PrefixCacheDef] = None
+    verify: Optional[VerifyDef] = None
+    concurrency: Optional[int] = None
+    gpu: Optional[bool] = None
+    send_add_special_tokens: Optional[bool] = None
 
 
 class EngineDef(_Strict):
     name: str
     description: str = ""
-    image: str
-    tag: str
+    image: Optional[str] = None   # required for the docker runtime only
+    tag: Optional[str] = None
     digest: Optional[str] = None  # sha256:… when pinned (kvt lock fills a lock file instead)
     build: Optional[BuildDef] = None
     command: list[str] = Field(default_factory=list)  # entrypoint override; for process runtime the argv head
@@ -98,13 +148,44 @@ class EngineDef(_Strict):
     request: dict[str, Any] = Field(default_factory=dict)  # fields in every request body
     send_add_special_tokens: bool = True  # pass each manifest entry's add_special_tokens in the body
     version: Optional[VersionDef] = None   # checked after health: a mismatch with the tag is a start error
-    runtimes: dict[Literal["docker", "process", "external"], RuntimeVariantDef] = Field(default_factory=dict)
+    # config: the body's model is model.id (the engine is started with it as its served name);
+    # server: the id the server lists at models_path (model.id when listed, else the only one)
+    served_model: Literal["config", "server"] = "config"
+    prefix_cache: PrefixCacheDef = Field(default_factory=PrefixCacheDef)
+    verify: Optional[VerifyDef] = None
+    runtimes: dict[RuntimeName, EngineRuntimeDef] = Field(default_factory=dict)
     methods: dict[str, MethodDef]
+
+    def for_runtime(self, runtime: Optional[str]) -> "EngineDef":
+        """This engine with the `runtimes.<runtime>` replacements applied (itself when none)."""
+        o = self.runtimes.get(runtime) if runtime else None  # type: ignore[call-overload]
+        if o is None:
+            return self
+        upd = {k: v for k, v in o.model_dump(exclude_unset=True).items() if v is not None}
+        upd.pop("description", None)
+        for k in ("health", "metrics", "prefix_cache", "verify"):
+            if k in upd:
+                upd[k] = getattr(o, k)
+        if o.env:
+            upd["env"] = {**self.env, **o.env}
+        if o.image:
+            upd["digest"] = None
+        return self.model_copy(update=upd)
+
+
+#: engines that ship with the harness and stay available when $KVT_ENGINES_DIR points elsewhere
+BUILTIN_ENGINES = ("openai",)
+
+
+def builtin_engines_root() -> Path:
+    return Path(__file__).resolve().parents[3] / "engines"
 
 
 def load_engine(name: str, root: Optional[Path] = None) -> EngineDef:
     root = root or engines_root()
     path = root / name / "engine.yaml"
+    if not path.is_file() and name in BUILTIN_ENGINES:
+        path = builtin_engines_root() / name / "engine.yaml"
     if not path.is_file():
         known = sorted(p.parent.name for p in root.glob("*/engine.yaml"))
         raise ConfigError(f"engine.name: unknown engine {name!r} (known: {', '.join(known) or 'none'}; looked in {root})")
@@ -155,12 +236,19 @@ class ResolvedSpec:
     build: Optional[dict[str, Any]] = None
     gpu: bool = True
     send_add_special_tokens: bool = True
+    health_fallback_paths: list[str] = field(default_factory=list)
+    served_model_from: str = "config"                   # config | server (see EngineDef.served_model)
+    cache_bust_request: dict[str, Any] = field(default_factory=dict)  # merged into retries and repeats
+    verify: Optional[dict[str, Any]] = None             # log_regex, expect (filled), timeout_s
+    baseline: bool = False
     runtime: Optional[str] = None                 # the runtime variant applied (None = the engine's defaults)
     version_path: Optional[str] = None            # GET → JSON {version_key: "<version>"}, compared with tag
     version_key: str = "version"
 
     @property
     def image_ref(self) -> str:
+        if not self.image:
+            return ""
         return f"{self.image}@{self.digest}" if self.digest else f"{self.image}:{self.tag}"
 
     @property
@@ -234,11 +322,23 @@ def resolve(
     runtime: Optional[str] = None,
     tag: Optional[str] = None,
 ) -> ResolvedSpec:
-    """`runtime` applies that runtime's variant from `runtimes:` (command, image, env) when the engine
-    declares one; `tag` overrides the engine's tag (e.g. the version of a pip-installed engine)."""
+    """`runtime` applies that runtime's variant from `runtimes:` (command, args, image, env, health, …)
+    and the method's `runtimes:` entry; `tag` overrides the engine's tag (e.g. the version of a
+    pip-installed engine)."""
     if method not in eng.methods:
-        raise ConfigError(f"kv.method: engine {eng.name!r} has no method {method!r} (known: {', '.join(eng.methods)})")
+        hint = " (declare variants in an engine.yaml: docs/engines.md)" if eng.name == "openai" else ""
+        raise ConfigError(f"kv.method: engine {eng.name!r} has no method {method!r} "
+                          f"(known: {', '.join(eng.methods)}){hint}")
+    variant = eng.runtimes.get(runtime) if runtime else None  # type: ignore[call-overload]
+    eng = eng.for_runtime(runtime)
     m = eng.methods[method]
+    mr = m.runtimes.get(runtime) if runtime else None  # type: ignore[call-overload]
+    if mr is not None and mr.unsupported:
+        raise ConfigError(f"kv.method: {eng.name}/{method} cannot run under the {runtime} runtime: {mr.unsupported}")
+    if mr is not None:
+        m = m.model_copy(update={k: v for k, v in (("args", mr.args), ("request", mr.request)) if v is not None})
+    if runtime == "docker" and not (eng.image and (tag or eng.tag or eng.digest or digest)):
+        raise ConfigError(f"engines/{eng.name}/engine.yaml: image and tag: required for the docker runtime")
     for name, val in (("compression_ratio", compression_ratio), ("budget", budget)):
         if val is not None and name not in m.supports:
             raise ConfigError(f"kv.{name}: method {eng.name}/{method} does not take a {name}")
@@ -248,15 +348,17 @@ def resolve(
     args = _fill(eng.args, values, f"engines/{eng.name}/engine.yaml: args")
     args += _fill(m.args, values, f"engines/{eng.name}/engine.yaml: methods.{method}.args")
     args += list(extra_args or [])
-    variant = eng.runtimes.get(runtime) if runtime else None  # type: ignore[call-overload]
     full_env = dict(eng.env)
-    if variant:
-        full_env.update(variant.env)
     full_env.update(m.env)
     for k in eng.passthrough_env:
         if host_env and host_env.get(k):
             full_env[k] = host_env[k]
     full_env.update(env or {})
+    verify = None
+    if eng.verify is not None:
+        verify = {"log_regex": eng.verify.log_regex, "timeout_s": eng.verify.timeout_s,
+                  "expect": dict(zip(eng.verify.expect, _fill(list(eng.verify.expect.values()), values,
+                                                               f"engines/{eng.name}/engine.yaml: verify.expect")))}
     extras = copy.deepcopy(eng.request)
     _merge_into(extras, copy.deepcopy(m.request))
     if eng.method_mode == "request":
@@ -269,16 +371,18 @@ def resolve(
                 extras[carrier]["budget"] = budget
     return ResolvedSpec(
         engine=eng.name, method=method, compression_ratio=compression_ratio, budget=budget,
-        method_mode=eng.method_mode, image=(variant.image if variant and variant.image else eng.image),
-        tag=tag or eng.tag, digest=None if variant and variant.image else (digest or eng.digest),
-        command=list(variant.command if variant and variant.command is not None else eng.command), args=args, env=full_env, gpus=list(gpus or []), host=host, port=port,
+        method_mode=eng.method_mode, image=eng.image or "", tag=tag or eng.tag or "",
+        digest=None if variant is not None and variant.image else (digest or eng.digest),
+        command=list(eng.command), args=args, env=full_env, gpus=list(gpus or []), host=host, port=port,
         ipc_mode=eng.ipc_mode, shm_size=eng.shm_size, health_path=eng.health.path,
         readiness_timeout_s=eng.health.readiness_timeout_s, health_interval_s=eng.health.interval_s,
+        health_fallback_paths=list(eng.health.fallback_paths),
         models_path=eng.models_path, metrics_path=eng.metrics.path, kv_usage_metrics=list(eng.metrics.kv_usage),
         concurrency=eng.concurrency, request_extras=extras, served_model=served_model,
         build=eng.build.model_dump() if eng.build else None, gpu=eng.gpu,
-        send_add_special_tokens=eng.send_add_special_tokens,
-        runtime=runtime if variant else None,
+        send_add_special_tokens=eng.send_add_special_tokens, served_model_from=eng.served_model,
+        cache_bust_request=copy.deepcopy(eng.prefix_cache.bust_request), verify=verify,
+        baseline=m.baseline, runtime=runtime if variant is not None else None,
         version_path=eng.version.path if eng.version else None,
         version_key=eng.version.key if eng.version else "version",
     )

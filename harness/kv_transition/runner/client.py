@@ -46,6 +46,7 @@ async def complete(client: httpx.AsyncClient, body: dict[str, Any], *, stream: b
                    path: str = COMPLETIONS_PATH) -> Completion:
     """Send one request; return the parsed completion or raise AttemptError (classified)."""
     t0 = time.perf_counter()
+    acc: Optional[StreamAccumulator] = None
     try:
         async with asyncio.timeout(timeout_s):
             if not stream:
@@ -85,4 +86,7 @@ async def complete(client: httpx.AsyncClient, body: dict[str, Any], *, stream: b
     except BaseException as e:  # noqa: BLE001 - classified, never swallowed silently
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        raise _classify(e) from e
+        err = _classify(e)
+        if acc is not None and err.body is None:  # a broken stream: keep what the server sent before it broke
+            err.body = acc.partial()
+        raise err from e

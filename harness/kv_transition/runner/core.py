@@ -17,7 +17,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from kv_transition.db import utcnow
 from kv_transition.runner.client import complete, make_client
-from kv_transition.runner.stream import AttemptError, Completion
+from kv_transition.runner.stream import AttemptError, Completion, tpot
 from kv_transition.runner.writer import DbWriter
 
 
@@ -28,6 +28,30 @@ class WorkItem:
     repeat: int
     body: dict[str, Any]
     attempts_before: int = 0  # attempts recorded by earlier runs (attempt_no continues from here)
+    prompt_tokens: Optional[int] = None  # the harness tokenizer's count of the prompt (manifest final_tokens)
+
+
+#: a response whose reported cached prompt tokens exceed this fraction of the prompt is cache-served
+CACHE_SERVED_FRACTION = 0.5
+
+
+def cache_flag(prompt_tokens: Optional[int], cached: Optional[int], resent: bool, busted: bool) -> Optional[str]:
+    """Why this response's latency must not count as a prefill measurement, or None:
+    `cached` — the engine says it served more than half of the prompt from its cache;
+    `unprotected` — a retry or repeat of a prompt sent without a cache-busting knob (the engine has none)
+    and the engine reports no cached-token count that could clear it."""
+    if cached is not None and prompt_tokens and cached > CACHE_SERVED_FRACTION * prompt_tokens:
+        return "cached"
+    if resent and not busted and cached is None:
+        return "unprotected"
+    return None
+
+
+def _with_bust(body: dict[str, Any], bust: dict[str, Any], nonce: str) -> dict[str, Any]:
+    out = dict(body)
+    for k, v in bust.items():
+        out[k] = nonce if v == "{nonce}" else v
+    return out
 
 
 @dataclass
@@ -88,7 +112,13 @@ class Aborted(Exception):
 class Runner:
     def __init__(self, base_url: str, writer: DbWriter, run_id: int, options: RunnerOptions, *,
                  transport: Optional[httpx.AsyncBaseTransport] = None,
-                 on_tick: Optional[Callable[[Counters], None]] = None, tick_s: float = 0.2):
+                 on_tick: Optional[Callable[[Counters], None]] = None, tick_s: float = 0.2,
+                 cache_bust: Optional[dict[str, Any]] = None, count_tokens: Optional[Callable[[str], Optional[int]]] = None):
+        """`cache_bust`: body fields that keep a retry or a repeat > 0 from the engine's prefix cache
+        ("{nonce}" = unique per attempt); `count_tokens`: the model's tokenizer, for responses whose
+        server reports no completion token count (recorded with token_source 'harness')."""
+        self.cache_bust = dict(cache_bust or {})
+        self.count_tokens = count_tokens
         self.base_url = base_url
         self.writer = writer
         self.run_id = run_id
@@ -222,8 +252,12 @@ class Runner:
         c.in_flight += 1
         if c.in_flight > c.max_in_flight:
             c.max_in_flight = c.in_flight
+        resent = n > 1 or item.repeat > 0  # the engine may hold this prompt in its prefix cache
+        body = item.body
+        if resent and self.cache_bust:
+            body = _with_bust(body, self.cache_bust, f"kvt-{self.run_id}-{item.request_id}-{n}")
         try:
-            res = await complete(client, item.body, stream=self.opts.stream, timeout_s=self.opts.timeout_s)
+            res = await complete(client, body, stream=self.opts.stream, timeout_s=self.opts.timeout_s)
         except AttemptError as e:
             self._record_attempt(item, n, started_at, time.perf_counter() - t, e)
             raise
@@ -236,7 +270,7 @@ class Runner:
         finally:
             c.in_flight -= 1
         self._record_attempt(item, n, started_at, time.perf_counter() - t, None)
-        self._record_response(item, n, res)
+        self._record_response(item, n, res, resent)
         c.ok += 1
         c.completion_tokens += res.output_tokens
 
@@ -249,15 +283,39 @@ class Runner:
             "retryable": int(err.retryable) if err else 0,
         })
 
-    def _record_response(self, item: WorkItem, n: int, r: Completion) -> None:
+    def _record_response(self, item: WorkItem, n: int, r: Completion, resent: bool = False) -> None:
         now = utcnow()
+        prompt_tokens, completion_tokens, tpot_s = r.prompt_tokens, r.completion_tokens, r.tpot_s
+        sources = set()
+        if prompt_tokens is None and item.prompt_tokens is not None:
+            prompt_tokens = item.prompt_tokens
+            sources.add("harness")
+        elif prompt_tokens is not None:
+            sources.add("server")
+        counted = self.count_tokens(r.text) if completion_tokens is None and self.count_tokens is not None else None
+        if counted is not None:
+            completion_tokens = counted
+            if r.streamed:
+                tpot_s = tpot(r.e2e_s, r.ttft_s, counted)
+            sources.add("harness")
+        elif completion_tokens is not None:
+            sources.add("server")
+        token_source = None if not sources else sources.pop() if len(sources) == 1 else "mixed"
+        total = r.total_tokens
+        if total is None and prompt_tokens is not None and completion_tokens is not None:
+            total = prompt_tokens + completion_tokens
+        busted = resent and bool(self.cache_bust)
         self.writer.insert("responses", {
             "request_id": item.request_id, "attempt_no": n, "run_id": self.run_id, "text": r.text,
-            "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
-            "completion_tokens": r.completion_tokens, "total_tokens": r.total_tokens, "ttft_s": r.ttft_s,
-            "tpot_s": r.tpot_s, "e2e_s": r.e2e_s, "itl_json": json.dumps(r.itl), "n_chunks": r.n_chunks,
+            "finish_reason": r.finish_reason, "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens, "total_tokens": total, "ttft_s": r.ttft_s,
+            "tpot_s": tpot_s, "e2e_s": r.e2e_s, "itl_json": json.dumps(r.itl), "n_chunks": r.n_chunks,
             "kv_applied_json": json.dumps(r.kv_applied, sort_keys=True) if r.kv_applied is not None else None,
             "streamed": int(r.streamed), "created_at": now,
+            "cached_tokens": r.cached_tokens, "cached_source": r.cached_source,
+            "cache_bust": json.dumps(self.cache_bust, sort_keys=True) if busted else None,
+            "cache_flag": cache_flag(prompt_tokens, r.cached_tokens, resent, busted),
+            "token_source": token_source,
         }, verb="INSERT OR IGNORE")
         self.writer.update("requests", "request_id", {
             "request_id": item.request_id, "status": "ok", "n_attempts": n, "last_error": None, "updated_at": now})

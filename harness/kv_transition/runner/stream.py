@@ -54,6 +54,8 @@ class Completion:
     n_chunks: int
     kv_applied: Any
     streamed: bool
+    cached_tokens: Optional[int] = None   # prompt tokens the engine served from its cache (when it says)
+    cached_source: Optional[str] = None   # where that number came from (see cached_tokens_of)
 
     @property
     def output_tokens(self) -> int:
@@ -101,11 +103,32 @@ def _int(v: Any) -> Optional[int]:
     return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
+def cached_tokens_of(obj: dict[str, Any]) -> tuple[Optional[int], Optional[str]]:
+    """Prompt tokens an engine reports as served from its prefix cache, and the field it used:
+    vLLM / SGLang / llama-server OpenAI usage `usage.prompt_tokens_details.cached_tokens`, llama-server
+    `timings.cache_n` and native `tokens_cached`, SGLang native `meta_info.cached_tokens`. (None, None)
+    when the response reports none of them (llama-cpp-python's server)."""
+    u = obj.get("usage")
+    if isinstance(u, dict):
+        d = u.get("prompt_tokens_details")
+        if isinstance(d, dict) and _int(d.get("cached_tokens")) is not None:
+            return _int(d["cached_tokens"]), "usage.prompt_tokens_details.cached_tokens"
+    t = obj.get("timings")
+    if isinstance(t, dict) and _int(t.get("cache_n")) is not None:
+        return _int(t["cache_n"]), "timings.cache_n"
+    if _int(obj.get("tokens_cached")) is not None:
+        return _int(obj["tokens_cached"]), "tokens_cached"
+    m = obj.get("meta_info")
+    if isinstance(m, dict) and _int(m.get("cached_tokens")) is not None:
+        return _int(m["cached_tokens"]), "meta_info.cached_tokens"
+    return None, None
+
+
 class StreamAccumulator:
     """Feed SSE payloads with perf_counter timestamps; `finish` validates and computes metrics."""
 
     __slots__ = ("t0", "parts", "first_t", "last_t", "last_event_t", "itl", "n_chunks", "finish_reason",
-                 "usage", "kv_applied", "done")
+                 "usage", "kv_applied", "done", "cached", "last_payload")
 
     def __init__(self, t0: float):
         self.t0 = t0
@@ -119,12 +142,20 @@ class StreamAccumulator:
         self.usage: Optional[dict[str, Any]] = None
         self.kv_applied: Any = None
         self.done = False
+        self.cached: tuple[Optional[int], Optional[str]] = (None, None)
+        self.last_payload: Optional[str] = None
+
+    def partial(self) -> str:
+        """What arrived before a stream broke (stored with the failed attempt)."""
+        return (f"[{self.n_chunks} text chunk(s) received; text so far: {''.join(self.parts)[-2000:]!r}; "
+                f"last event: {(self.last_payload or '')[:2000]}]")
 
     def feed(self, payload: str, t: float) -> None:
         self.last_event_t = t
         if payload[:1] != "{" and payload.strip() == "[DONE]":
             self.done = True
             return
+        self.last_payload = payload
         try:
             obj = json.loads(payload)
         except ValueError:
@@ -166,10 +197,19 @@ class StreamAccumulator:
         kv = obj.get(KV_APPLIED_FIELD)
         if kv is not None:
             self.kv_applied = kv
+        c = cached_tokens_of(obj)
+        if c[0] is not None:
+            self.cached = c
 
     def finish(self) -> Completion:
         if not self.done and self.finish_reason is None:
-            raise AttemptError("incomplete", "stream ended before a finish_reason or [DONE]", retryable=True)
+            raise AttemptError("incomplete", "stream ended before a finish_reason or [DONE]", retryable=True,
+                               body=self.partial())
+        if self.finish_reason is None and self.n_chunks:
+            # [DONE] with text but no finish_reason: the server cut the generation short (llama-cpp-python's
+            # server does this when another request arrives, interrupt_requests=True): not a completion
+            raise AttemptError("interrupted", "the server ended the stream with [DONE] but no finish_reason "
+                               "(generation interrupted)", retryable=True, body=self.partial())
         end = self.last_event_t if self.last_event_t is not None else self.t0
         e2e = end - self.t0
         ttft = (self.first_t - self.t0) if self.first_t is not None else None
@@ -180,7 +220,7 @@ class StreamAccumulator:
             text="".join(self.parts), finish_reason=self.finish_reason,
             prompt_tokens=_int(u.get("prompt_tokens")), completion_tokens=ct, total_tokens=_int(u.get("total_tokens")),
             ttft_s=ttft, tpot_s=tpot(e2e, ttft, out_tokens), e2e_s=e2e, itl=self.itl, n_chunks=self.n_chunks,
-            kv_applied=self.kv_applied, streamed=True,
+            kv_applied=self.kv_applied, streamed=True, cached_tokens=self.cached[0], cached_source=self.cached[1],
         )
 
 
@@ -199,9 +239,10 @@ def parse_completion_body(raw: bytes | str, t0: float, t_end: float) -> Completi
     if text is None and isinstance(ch.get("message"), dict):
         text = ch["message"].get("content")
     u = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
+    cached, source = cached_tokens_of(obj)
     return Completion(
         text=text or "", finish_reason=ch.get("finish_reason"), prompt_tokens=_int(u.get("prompt_tokens")),
         completion_tokens=_int(u.get("completion_tokens")), total_tokens=_int(u.get("total_tokens")),
         ttft_s=None, tpot_s=None, e2e_s=t_end - t0, itl=[], n_chunks=1 if text else 0,
-        kv_applied=obj.get(KV_APPLIED_FIELD), streamed=False,
+        kv_applied=obj.get(KV_APPLIED_FIELD), streamed=False, cached_tokens=cached, cached_source=source,
     )

@@ -13,7 +13,12 @@ from kv_transition.runtime.base import (
     Runtime,
     full_labels,
     get_runtime,
+    register_runtime,
 )
+
+register_runtime("docker", "kv_transition.runtime.docker:DockerRuntime")
+register_runtime("process", "kv_transition.runtime.process:ProcessRuntime")
+register_runtime("external", "kv_transition.runtime.external:ExternalRuntime")
 
 __all__ = ["CELL_LABEL", "GROUP_LABEL", "OWNER_LABEL", "EngineStartError", "Instance", "Runtime", "full_labels",
            "get_runtime"]

@@ -56,10 +56,15 @@ class Instance:
     stopped_at: Optional[str] = None
     exit_code: Optional[int] = None
     handle: Any = None                   # runtime-private (Popen, Container, …)
+    ready_url: Optional[str] = None      # the readiness URL that answered (health path or a fallback)
+    served_model: Optional[str] = None   # the model id requests must name (ResolvedSpec.served_model_from)
+    verified: Optional[dict[str, str]] = None  # what the engine's log proved (ResolvedSpec.verify)
 
 
 class Runtime(ABC):
     name: str = "base"
+    #: seconds between two liveness checks during a cell (cheap: process poll, container state, TCP)
+    liveness_interval_s: Optional[float] = None
 
     @abstractmethod
     def start(self, spec: ResolvedSpec, labels: dict[str, str], log_path: Optional[Path]) -> Instance:
@@ -117,6 +122,7 @@ class Runtime(ABC):
             inst = self.start(spec, labels, log_path)
             try:
                 self.ready(inst)
+                after_ready(self, inst)
                 yield inst
             finally:
                 self.stop(inst)
@@ -165,17 +171,80 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+#: runtime name → "module:Class"; kv_transition.runtime (the package) registers the built-in three, so
+#: this module never imports a concrete runtime (they import it)
+_REGISTRY: dict[str, str] = {}
+
+
+def register_runtime(name: str, target: str) -> None:
+    _REGISTRY[name] = target
+
+
 def get_runtime(name: str, **kwargs: Any) -> Runtime:
-    if name == "docker":
-        from kv_transition.runtime.docker import DockerRuntime
+    import importlib
 
-        return DockerRuntime(**kwargs)
-    if name == "process":
-        from kv_transition.runtime.process import ProcessRuntime
+    target = _REGISTRY.get(name)
+    if target is None:
+        raise KvtError(f"engine.runtime: unknown runtime {name!r} ({', '.join(sorted(_REGISTRY))})")
+    mod, _, cls = target.partition(":")
+    return getattr(importlib.import_module(mod), cls)(**kwargs)
 
-        return ProcessRuntime(**kwargs)
-    if name == "external":
-        from kv_transition.runtime.external import ExternalRuntime
 
-        return ExternalRuntime(**kwargs)
-    raise KvtError(f"engine.runtime: unknown runtime {name!r} (docker, process, external)")
+# --- after readiness: the served model name and proof of the KV method ---------------------------------
+
+def after_ready(rt: Runtime, inst: Instance) -> None:
+    """Set `inst.served_model` (asking the server when the engine says so) and check `spec.verify`
+    against the engine's log. Raises EngineStartError with the reason when either does not hold."""
+    spec = inst.spec
+    inst.served_model = discover_served_model(inst) if spec.served_model_from == "server" else spec.served_model
+    if spec.verify:
+        inst.verified = verify_from_log(rt, inst)
+
+
+def discover_served_model(inst: Instance) -> str:
+    import httpx
+
+    url = inst.base_url + inst.spec.models_path
+    try:
+        r = httpx.get(url, timeout=10)
+        r.raise_for_status()
+        ids = [m.get("id") for m in r.json().get("data", []) if isinstance(m, dict) and m.get("id")]
+    except (httpx.HTTPError, ValueError, AttributeError) as e:
+        raise EngineStartError(f"GET {url}: cannot read the served model names ({type(e).__name__}: {e})") from None
+    if inst.spec.served_model in ids:
+        return inst.spec.served_model
+    if len(ids) == 1:
+        return str(ids[0])
+    raise EngineStartError(f"GET {url}: the server lists {ids or 'no models'}; none is model.id "
+                           f"{inst.spec.served_model!r} (set model.id to the one to use)")
+
+
+def verify_from_log(rt: Runtime, inst: Instance) -> Optional[dict[str, str]]:
+    """The engine's own report (its log) must show what the cell claims, e.g. llama.cpp's
+    `llama_kv_cache: … K (q8_0): … V (q8_0)` for method q8_0. None when the runtime has no log
+    (external): nothing to check, the caller records that."""
+    import re
+    import time
+
+    v = inst.spec.verify or {}
+    if inst.log_path is None and rt.name == "external":
+        return None
+    rx = re.compile(v["log_regex"], re.M)
+    deadline = time.monotonic() + float(v.get("timeout_s", 10.0))
+    while True:
+        text = rt.log_tail(inst, n=100000)
+        m = rx.search(text)
+        if m or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    claim = f"{inst.spec.engine}/{inst.spec.method}"
+    if not m:
+        raise EngineStartError(f"{claim}: cannot verify the KV method: the engine log has no line matching "
+                               f"{v['log_regex']!r}", log_tail=rt.log_tail(inst))
+    got = {k: m.group(k) for k in v.get("expect", {})}
+    bad = {k: (got[k], want) for k, want in v.get("expect", {}).items() if got[k] != want}
+    if bad:
+        what = ", ".join(f"{k} is {g!r}, the cell needs {w!r}" for k, (g, w) in bad.items())
+        raise EngineStartError(f"{claim}: refused: the engine does not run the cell's KV method ({what}; "
+                               f"log: {m.group(0).strip()!r})")
+    return got

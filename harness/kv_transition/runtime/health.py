@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 from urllib.parse import urlsplit
 
 import httpx
@@ -34,11 +34,21 @@ def _ssl_context() -> ssl.SSLContext:
 
 def probe(url: str, timeout_s: float = 2.0) -> tuple[bool, str]:
     """One health GET: (ok, short reason)."""
+    status, reason = probe_status(url, timeout_s)
+    return status == 200, reason
+
+
+def probe_status(url: str, timeout_s: float = 2.0) -> tuple[Optional[int], str]:
+    """One GET: (HTTP status or None when nothing answered, short reason)."""
     try:
         r = httpx.get(url, timeout=timeout_s, verify=_ssl_context())
     except httpx.HTTPError as e:
-        return False, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-    return r.status_code == 200, f"HTTP {r.status_code}"
+        return None, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return r.status_code, f"HTTP {r.status_code}"
+
+
+#: a server that answers one of these has no such route: try the next readiness URL
+NO_ROUTE = frozenset({404, 405, 501})
 
 
 def wait_healthy(
@@ -49,9 +59,13 @@ def wait_healthy(
     alive: Optional[AliveFn] = None,
     log_tail: Callable[[], str] = lambda: "",
     what: str = "engine",
+    fallback_urls: Sequence[str] = (),
+    used: Optional[list[str]] = None,
 ) -> float:
     """Poll `url` until it answers 200; return the seconds waited.
 
+    When `url` answers 404/405/501 (the server has no such route), the next of `fallback_urls` is polled
+    instead (e.g. /health → /v1/models); `used` (if given) receives the URL that answered 200.
     Raises EngineStartError early (with exit code and log tail) as soon as `alive()` reports an exit,
     and on timeout (with the last probe's reason and the log tail).
     """
@@ -59,18 +73,26 @@ def wait_healthy(
     deadline = t0 + timeout_s
     interval_s = max(0.05, interval_s or 0.25)
     reason = "not probed yet"
+    urls = [url, *fallback_urls]
+    tried: list[str] = []
     while True:
         if alive is not None:
             code = alive()
             if code is not None:
-                raise EngineStartError(f"{what} exited with code {code} before it became healthy ({url})",
+                raise EngineStartError(f"{what} exited with code {code} before it became healthy ({urls[0]})",
                                        returncode=code, log_tail=log_tail())
-        ok, reason = probe(url, timeout_s=min(2.0, max(0.2, deadline - time.monotonic())))
-        if ok:
+        status, reason = probe_status(urls[0], timeout_s=min(2.0, max(0.2, deadline - time.monotonic())))
+        if status == 200:
+            if used is not None:
+                used.append(urls[0])
             return time.monotonic() - t0
+        if status in NO_ROUTE and len(urls) > 1:
+            tried.append(f"{urls.pop(0)} → {reason}")
+            continue
         now = time.monotonic()
         if now >= deadline:
-            raise EngineStartError(f"{what} not healthy after {timeout_s:g}s at {url} (last probe: {reason})",
+            also = f"; {'; '.join(tried)}" if tried else ""
+            raise EngineStartError(f"{what} not healthy after {timeout_s:g}s at {urls[0]} (last probe: {reason}{also})",
                                    log_tail=log_tail())
         time.sleep(min(interval_s, max(0.0, deadline - now)))
 

@@ -256,7 +256,8 @@ class ProcessRuntime(Runtime):
         wait_healthy(spec.base_url + spec.health_path,
                      timeout_s=timeout_s if timeout_s is not None else spec.readiness_timeout_s,
                      interval_s=spec.health_interval_s, alive=proc.poll,
-                     log_tail=lambda: self.log_tail(inst), what=f"engine {spec.engine} (pid {proc.pid})")
+                     log_tail=lambda: self.log_tail(inst), what=f"engine {spec.engine} (pid {proc.pid})",
+                     fallback_urls=[spec.base_url + p for p in spec.health_fallback_paths])
         inst.ready_at = now_iso()
 
     def is_running(self, inst: Instance) -> bool:
