@@ -11,8 +11,8 @@ from kv_transition.engines.spec import list_engines, load_engine, resolve
 from kv_transition.errors import ConfigError
 
 
-def test_the_three_engines_are_there():
-    assert {"vllm", "sglang", "kvpress"} <= set(list_engines())
+def test_the_engines_are_there():
+    assert {"vllm", "sglang", "kvpress", "llamacpp", "openai"} <= set(list_engines())
 
 
 @pytest.mark.parametrize("name", ["vllm", "sglang", "kvpress"])
@@ -49,3 +49,66 @@ def test_bad_method_and_knob_are_clear_errors():
         resolve(load_engine("vllm"), "full", model_path="m", served_model="m", budget=128)
     with pytest.raises(ConfigError, match="unknown engine 'tgi'"):
         load_engine("tgi")
+
+
+# ---- llama.cpp (docker: llama-server; process: llama-cpp-python) and the generic openai engine ----------
+
+LLAMACPP_TYPES = {"f16": 1, "q8_0": 8, "q5_1": 7, "q5_0": 6, "q4_1": 3, "q4_0": 2, "iq4_nl": 20}
+
+
+def test_llamacpp_kv_types_are_server_args_for_k_and_v_with_flash_attention():
+    eng = load_engine("llamacpp")
+    assert sum(m.baseline for m in eng.methods.values()) == 1 and eng.methods["f16"].baseline
+    assert set(LLAMACPP_TYPES) <= set(eng.methods)
+    for method, ggml in LLAMACPP_TYPES.items():
+        d = resolve(eng, method, model_path="/m/x.gguf", served_model="smol", port=8123, runtime="docker",
+                    params={"model_file": "/m/x.gguf"})
+        a = d.args
+        assert a[a.index("--cache-type-k") + 1] == method and a[a.index("--cache-type-v") + 1] == method
+        assert a[a.index("--flash-attn") + 1] == "on" and a[a.index("-m") + 1] == "/m/x.gguf"
+        assert a[a.index("--alias") + 1] == "smol" and d.image_ref.startswith("ghcr.io/ggml-org/llama.cpp:server")
+        assert d.verify["expect"] == {"k": method, "v": method} and d.cache_bust_request == {"cache_prompt": False}
+        p = resolve(eng, method, model_path="/m/x.gguf", served_model="smol", port=8123, runtime="process",
+                    params={"model_file": "/m/x.gguf"})
+        argv = p.command + p.args
+        assert argv[:3] == ["python", "-m", "llama_cpp.server"]
+        assert argv[argv.index("--type_k") + 1] == str(ggml) == argv[argv.index("--type_v") + 1]
+        assert argv[argv.index("--flash_attn") + 1] == "true" and argv[argv.index("--interrupt_requests") + 1] == "false"
+        assert p.health_fallback_paths == ["/v1/models"] and p.metrics_path is None and p.cache_bust_request == {}
+        assert p.gpu is False and p.verify["expect"] == {"k": method, "v": method}
+
+
+def test_llamacpp_prompt_cache_on_off_and_what_a_runtime_cannot_do():
+    eng = load_engine("llamacpp")
+    kw = dict(model_path="m", served_model="m", params={"model_file": "m.gguf"})
+    off = resolve(eng, "f16_no_prompt_cache", runtime="docker", **kw)
+    assert off.args[-2:] == ["--cache-ram", "0"] and off.request_extras == {"cache_prompt": False}
+    on = resolve(eng, "f16_prompt_cache", runtime="process", **kw)
+    assert on.args[-4:] == ["--cache", "true", "--cache_type", "ram"]
+    with pytest.raises(ConfigError, match="cannot run under the process runtime: llama-cpp-python always reuses"):
+        resolve(eng, "f16_no_prompt_cache", runtime="process", **kw)
+
+
+def test_openai_engine_needs_no_image_and_runs_external_only():
+    eng = load_engine("openai")
+    assert eng.image is None and eng.command == [] and list(eng.methods) == ["full"]
+    spec = resolve(eng, "full", model_path="m", served_model="m", runtime="external")
+    assert (spec.served_model_from, spec.health_fallback_paths, spec.concurrency) == ("server", ["/v1/models"], 1)
+    with pytest.raises(ConfigError, match="image and tag: required for the docker runtime"):
+        resolve(eng, "full", model_path="m", served_model="m", runtime="docker")
+    with pytest.raises(ConfigError, match=r"no method 'q8_0' .*docs/engines.md"):
+        resolve(eng, "q8_0", model_path="m", served_model="m")
+
+
+def test_openai_engine_is_builtin_when_engines_dir_points_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVT_ENGINES_DIR", str(tmp_path))
+    assert load_engine("openai").name == "openai"
+    with pytest.raises(ConfigError, match="unknown engine 'vllm'"):
+        load_engine("vllm")
+
+
+def test_vllm_busts_its_prefix_cache_with_a_salt_and_reports_cached_tokens():
+    spec = resolve(load_engine("vllm"), "full", model_path="m", served_model="m")
+    assert spec.cache_bust_request == {"cache_salt": "{nonce}"} and "--enable-prompt-tokens-details" in spec.args
+    spec = resolve(load_engine("sglang"), "full", model_path="m", served_model="m")
+    assert spec.cache_bust_request == {} and "--enable-cache-report" in spec.args
