@@ -460,7 +460,8 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
                 instance_id = _record_instance(conn, run_id, cell_id, rt_name, spec, inst, None, _existing(log_path))
                 _after_ready_events(conn, run_id, cell_id, spec, inst, items)
                 runner = Runner(inst.base_url, writer, run_id, opts, transport=transport,
-                                cache_bust=spec.cache_bust_request, count_tokens=_token_counter(cfg, paths))
+                                cache_bust=spec.cache_bust_request, count_tokens=_token_counter(cfg, paths),
+                                bust_all=rt_name == "external")
                 sampler = None
                 if cfg.telemetry.enabled:
                     want_gpu = cfg.telemetry.nvml and spec.gpu and cfg.engine.device != "cpu"

@@ -332,3 +332,25 @@ def test_no_kv_line_in_the_log_is_a_refusal_too(tmp_path: Path) -> None:
     log.write_text("llama_model_loader: loaded meta data\n")
     with pytest.raises(EngineStartError, match="cannot verify the KV method"):
         verify_from_log(LogFileRuntimeTestDouble(), Instance(runtime="process", base_url="", spec=spec, log_path=log))
+
+
+def test_external_server_gets_the_knob_on_every_request(tmp_path, cell_env, fake, capsys) -> None:
+    """A server someone else runs may hold the prompts of an earlier cell: with the external runtime the
+    knob goes into first sends too. Second cell, same prompts: no cache hit, nothing flagged."""
+    from .conftest import FAKE_ENGINE_YAML
+
+    url, _ = fake("--prefix-cache")
+    cfg = _cfg_file(tmp_path, cell_env, 3)
+    d = tmp_path / "engines" / "fakebust"
+    d.mkdir()
+    (d / "engine.yaml").write_text(FAKE_ENGINE_YAML.replace("name: fake", "name: fakebust")
+                                   + "prefix_cache: {bust_request: {cache_prompt: false}}\n")
+    for method in ("full", "snapkv"):
+        assert main(["run", "-c", cfg, "--engine", "fakebust", "--method", method, "--runtime", "external",
+                     "--base-url", url, "-q", "--json"]) == 0
+    capsys.readouterr()
+    conn = connect(tmp_path / "runs" / "rt" / "kv_transition.sqlite")
+    resp = rows(conn, "SELECT cache_bust, cached_tokens, cache_flag FROM responses")
+    conn.close()
+    assert len(resp) == 6 and all(json.loads(r["cache_bust"]) == {"cache_prompt": False} for r in resp)
+    assert all(r["cached_tokens"] == 0 and r["cache_flag"] is None for r in resp)

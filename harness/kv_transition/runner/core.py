@@ -113,11 +113,14 @@ class Runner:
     def __init__(self, base_url: str, writer: DbWriter, run_id: int, options: RunnerOptions, *,
                  transport: Optional[httpx.AsyncBaseTransport] = None,
                  on_tick: Optional[Callable[[Counters], None]] = None, tick_s: float = 0.2,
-                 cache_bust: Optional[dict[str, Any]] = None, count_tokens: Optional[Callable[[str], Optional[int]]] = None):
+                 cache_bust: Optional[dict[str, Any]] = None, count_tokens: Optional[Callable[[str], Optional[int]]] = None,
+                 bust_all: bool = False):
         """`cache_bust`: body fields that keep a retry or a repeat > 0 from the engine's prefix cache
-        ("{nonce}" = unique per attempt); `count_tokens`: the model's tokenizer, for responses whose
+        ("{nonce}" = unique per attempt) — with `bust_all`, into every request (a server someone else runs
+        may hold any prompt from earlier cells); `count_tokens`: the model's tokenizer, for responses whose
         server reports no completion token count (recorded with token_source 'harness')."""
         self.cache_bust = dict(cache_bust or {})
+        self.bust_all = bust_all
         self.count_tokens = count_tokens
         self.base_url = base_url
         self.writer = writer
@@ -253,8 +256,9 @@ class Runner:
         if c.in_flight > c.max_in_flight:
             c.max_in_flight = c.in_flight
         resent = n > 1 or item.repeat > 0  # the engine may hold this prompt in its prefix cache
+        busted = (resent or self.bust_all) and bool(self.cache_bust)
         body = item.body
-        if resent and self.cache_bust:
+        if busted:
             body = _with_bust(body, self.cache_bust, f"kvt-{self.run_id}-{item.request_id}-{n}")
         try:
             res = await complete(client, body, stream=self.opts.stream, timeout_s=self.opts.timeout_s)
@@ -270,7 +274,7 @@ class Runner:
         finally:
             c.in_flight -= 1
         self._record_attempt(item, n, started_at, time.perf_counter() - t, None)
-        self._record_response(item, n, res, resent)
+        self._record_response(item, n, res, resent, busted)
         c.ok += 1
         c.completion_tokens += res.output_tokens
 
@@ -283,7 +287,8 @@ class Runner:
             "retryable": int(err.retryable) if err else 0,
         })
 
-    def _record_response(self, item: WorkItem, n: int, r: Completion, resent: bool = False) -> None:
+    def _record_response(self, item: WorkItem, n: int, r: Completion, resent: bool = False,
+                         busted: bool = False) -> None:
         now = utcnow()
         prompt_tokens, completion_tokens, tpot_s = r.prompt_tokens, r.completion_tokens, r.tpot_s
         sources = set()
@@ -304,7 +309,6 @@ class Runner:
         total = r.total_tokens
         if total is None and prompt_tokens is not None and completion_tokens is not None:
             total = prompt_tokens + completion_tokens
-        busted = resent and bool(self.cache_bust)
         self.writer.insert("responses", {
             "request_id": item.request_id, "attempt_no": n, "run_id": self.run_id, "text": r.text,
             "finish_reason": r.finish_reason, "prompt_tokens": prompt_tokens,

@@ -196,7 +196,15 @@ def after_ready(rt: Runtime, inst: Instance) -> None:
     """Set `inst.served_model` (asking the server when the engine says so) and check `spec.verify`
     against the engine's log. Raises EngineStartError with the reason when either does not hold."""
     spec = inst.spec
-    inst.served_model = discover_served_model(inst) if spec.served_model_from == "server" else spec.served_model
+    if spec.served_model_from == "server":
+        inst.served_model = discover_served_model(inst)
+    elif rt.name == "external":  # someone else's server may serve model.id under another name: ask, kindly
+        try:
+            inst.served_model = discover_served_model(inst)
+        except EngineStartError:
+            inst.served_model = spec.served_model
+    else:
+        inst.served_model = spec.served_model
     if spec.verify:
         inst.verified = verify_from_log(rt, inst)
 
