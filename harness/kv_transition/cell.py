@@ -461,7 +461,7 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
                 _after_ready_events(conn, run_id, cell_id, spec, inst, items)
                 runner = Runner(inst.base_url, writer, run_id, opts, transport=transport,
                                 cache_bust=spec.cache_bust_request, count_tokens=_token_counter(cfg, paths),
-                                bust_all=rt_name == "external")
+                                bust_all=rt_name == "external", server_log=lambda: rt.log_tail(inst, 20))
                 sampler = None
                 if cfg.telemetry.enabled:
                     want_gpu = cfg.telemetry.nvml and spec.gpu and cfg.engine.device != "cpu"

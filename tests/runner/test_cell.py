@@ -47,6 +47,10 @@ def test_crash_mid_cell_then_rerun_completes_exactly_the_missing(cell_env) -> No
     assert "engine stopped mid-cell (exit code 17)" in res.reason
     conn = connect(paths.db)
     assert rows(conn, "SELECT exit_code FROM engine_instances")[0]["exit_code"] == 17
+    # the broken stream's attempt carries the server's side: the engine log's last lines
+    broken = rows(conn, "SELECT error_kind, body FROM attempts WHERE ok = 0 AND error_kind = 'connection'")
+    assert broken and all("--- engine log (last lines) ---" in b["body"] and "crashing now" in b["body"]
+                          for b in broken), broken
     ok_before = {r["example_id"] for r in rows(conn, "SELECT example_id FROM requests WHERE status='ok'")}
 
     rt2 = SubprocessFakeRuntime()

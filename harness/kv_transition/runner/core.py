@@ -31,6 +31,9 @@ class WorkItem:
     prompt_tokens: Optional[int] = None  # the harness tokenizer's count of the prompt (manifest final_tokens)
 
 
+#: attempt errors where the server's side of the story is in its log
+BROKEN_STREAM = frozenset({"connection", "interrupted", "incomplete", "stall", "http_5xx", "stream_error"})
+
 #: a response whose reported cached prompt tokens exceed this fraction of the prompt is cache-served
 CACHE_SERVED_FRACTION = 0.5
 
@@ -114,13 +117,14 @@ class Runner:
                  transport: Optional[httpx.AsyncBaseTransport] = None,
                  on_tick: Optional[Callable[[Counters], None]] = None, tick_s: float = 0.2,
                  cache_bust: Optional[dict[str, Any]] = None, count_tokens: Optional[Callable[[str], Optional[int]]] = None,
-                 bust_all: bool = False):
+                 bust_all: bool = False, server_log: Optional[Callable[[], str]] = None):
         """`cache_bust`: body fields that keep a retry or a repeat > 0 from the engine's prefix cache
         ("{nonce}" = unique per attempt) — with `bust_all`, into every request (a server someone else runs
         may hold any prompt from earlier cells); `count_tokens`: the model's tokenizer, for responses whose
         server reports no completion token count (recorded with token_source 'harness')."""
         self.cache_bust = dict(cache_bust or {})
         self.bust_all = bust_all
+        self.server_log = server_log  # the engine log's last lines, kept with a broken stream's attempt
         self.count_tokens = count_tokens
         self.base_url = base_url
         self.writer = writer
@@ -263,6 +267,13 @@ class Runner:
         try:
             res = await complete(client, body, stream=self.opts.stream, timeout_s=self.opts.timeout_s)
         except AttemptError as e:
+            if e.kind in BROKEN_STREAM and self.server_log is not None:
+                try:
+                    tail = self.server_log()
+                except Exception:  # noqa: BLE001 - the log is a courtesy, the attempt is recorded regardless
+                    tail = ""
+                if tail:
+                    e.body = f"{e.body or ''}\n--- engine log (last lines) ---\n{tail}"[-65536:]
             self._record_attempt(item, n, started_at, time.perf_counter() - t, e)
             raise
         except asyncio.CancelledError:
