@@ -345,8 +345,8 @@ def test_external_server_gets_the_knob_on_every_request(tmp_path, cell_env, fake
     d.mkdir()
     (d / "engine.yaml").write_text(FAKE_ENGINE_YAML.replace("name: fake", "name: fakebust")
                                    + "prefix_cache: {bust_request: {cache_prompt: false}}\n")
-    for method in ("full", "snapkv"):
-        assert main(["run", "-c", cfg, "--engine", "fakebust", "--method", method, "--runtime", "external",
+    for knob in (["--method", "full"], ["--method", "snapkv", "--ratio", "0.5"]):
+        assert main(["run", "-c", cfg, "--engine", "fakebust", *knob, "--runtime", "external",
                      "--base-url", url, "-q", "--json"]) == 0
     capsys.readouterr()
     conn = connect(tmp_path / "runs" / "rt" / "kv_transition.sqlite")
