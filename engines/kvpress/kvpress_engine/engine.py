@@ -11,7 +11,8 @@ from typing import Any, Callable
 import torch
 from transformers import DynamicCache
 
-from .methods import METHODS, CompressionPlan, PressSpec, plan_compression
+from .build import BuiltPress, build_press, clear_masks, masked_per_layer
+from .methods import SPLIT_SCOPES, PressSpec, plan_compression
 
 log = logging.getLogger("kvpress_engine")
 
@@ -42,16 +43,6 @@ class Result:
     token_ids: list[int] = field(default_factory=list)
 
 
-def build_press(spec: PressSpec, plan: CompressionPlan):
-    """Instantiate the kvpress press for a resolved spec and plan (None when nothing is compressed)."""
-    if spec.method == "full" or plan.press_ratio <= 0:
-        return None
-    import kvpress
-
-    cls = getattr(kvpress, METHODS[spec.method].press_class)
-    return cls(compression_ratio=plan.press_ratio, **spec.params)
-
-
 def message_text(content: Any) -> str:
     """OpenAI message content: a string, or a list of parts whose text parts are concatenated."""
     if content is None:
@@ -79,6 +70,7 @@ class Engine:
         self.name = name
         cfg = model.config
         self.n_layers = cfg.num_hidden_layers
+        self.n_kv_heads = cfg.num_key_value_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         elem = torch.tensor([], dtype=model.dtype).element_size()
         # bytes of K+V for one token in all layers
@@ -94,10 +86,16 @@ class Engine:
 
     # ------------------------------------------------------------------ tokenization
 
-    def _encode_text(self, text: str, split_char: int | None) -> Encoded:
+    def _encode_text(self, text: str, split_char: int | None, separate: bool = False) -> Encoded:
         tok = self.tokenizer
         if split_char is None:
             return Encoded(tok.encode(text, add_special_tokens=False), None)
+        if separate:
+            # kvpress's pipeline: the context and the question (with the template's closing tokens and any
+            # answer prefix) are two tokenizations, so a token never straddles the split
+            ctx = tok.encode(text[:split_char], add_special_tokens=False)
+            q = tok.encode(text[split_char:], add_special_tokens=False)
+            return Encoded(ctx + q, len(ctx))
         if getattr(tok, "is_fast", False):
             # one tokenization of the whole text (identical to query_aware); the question starts at the first
             # token that ends after the split character
@@ -109,7 +107,7 @@ class Engine:
         q = tok.encode(text[split_char:], add_special_tokens=False)
         return Encoded(ctx + q, len(ctx))
 
-    def encode_completion(self, prompt: Any, question_start: int | None) -> Encoded:
+    def encode_completion(self, prompt: Any, question_start: int | None, separate: bool = False) -> Encoded:
         """prompt: a string (question_start = character offset) or a list of token ids (token index)."""
         if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             vocab = self.model.config.vocab_size
@@ -127,7 +125,7 @@ class Engine:
                 f"question_start {question_start} is past the prompt's {len(prompt)} characters",
                 "kv_press.question_start",
             )
-        return self._encode_text(prompt, question_start)
+        return self._encode_text(prompt, question_start, separate)
 
     def render_chat(self, messages: list[dict[str, Any]], question_start: int | None) -> tuple[str, int | None]:
         """Chat template text, and (context_only) the character offset of question_start in it.
@@ -160,9 +158,10 @@ class Engine:
             text = text.replace(QUESTION_MARK, "")
         return text, split_char
 
-    def encode_chat(self, messages: list[dict[str, Any]], question_start: int | None) -> Encoded:
+    def encode_chat(self, messages: list[dict[str, Any]], question_start: int | None,
+                    separate: bool = False) -> Encoded:
         text, split_char = self.render_chat(messages, question_start)
-        return self._encode_text(text, split_char)
+        return self._encode_text(text, split_char, separate)
 
     # ------------------------------------------------------------------ generation
 
@@ -190,9 +189,9 @@ class Engine:
             torch.cuda.synchronize(self.device)
 
     def _timed_press(self, press, acc: list[float]):
-        inner = press.compress
+        inner = press.forward_hook
 
-        def compress(*args, **kwargs):
+        def forward_hook(*args, **kwargs):
             self._sync()
             t = time.perf_counter()
             out = inner(*args, **kwargs)
@@ -200,7 +199,7 @@ class Engine:
             acc[0] += time.perf_counter() - t
             return out
 
-        press.compress = compress  # instance attribute: forward_hook calls self.compress
+        press.forward_hook = forward_hook  # instance attribute: BasePress.__call__ registers self.forward_hook
         return press
 
     def check_length(self, n_prompt: int, max_tokens: int | None, default_max_tokens: int) -> int:
@@ -225,6 +224,21 @@ class Engine:
             )
         return max_tokens
 
+    def _press_ctx(self, built: BuiltPress, phase: str):
+        on = built.prefill if phase == "prefill" else built.decode
+        return built.press(self.model) if (built.press is not None and on) else contextlib.nullcontext()
+
+    def _kv_state(self, cache) -> dict[str, Any]:
+        """What the cache holds now: per-layer lengths, bytes, and head-wise masks (AdaKV-style presses keep
+        the full tensors and mask keys at attention time: held != effective)."""
+        layer_lens = [cache.get_seq_length(i) for i in range(len(cache))]
+        held_bytes = sum(
+            (layer.keys.numel() + layer.values.numel()) * layer.keys.element_size() for layer in cache.layers
+        )
+        masked = masked_per_layer(self.model)
+        eff = [h - (m / self.n_kv_heads if masked else 0) for h, m in zip(layer_lens, masked or [0] * len(layer_lens))]
+        return {"lens": layer_lens, "bytes": held_bytes, "masked": masked, "effective": eff}
+
     @torch.inference_mode()
     def generate(
         self,
@@ -239,121 +253,149 @@ class Engine:
     ) -> Result:
         ids = enc.ids
         n = len(ids)
-        context_only = spec.scope == "context_only"
-        split = enc.split if context_only else None
-        if context_only and split is None:
-            raise RequestError("context_only needs question_start", "kv_press.question_start")
-        if context_only and split >= n:
+        split_scope = spec.scope in SPLIT_SCOPES
+        split = enc.split if split_scope else None
+        if split_scope and split is None:
+            raise RequestError(f"{spec.scope} needs question_start", "kv_press.question_start")
+        if split_scope and split >= n:
             raise RequestError(
                 "the question part is empty: question_start must point before the end of the prompt",
                 "kv_press.question_start",
             )
-        span = split if context_only else n
+        span = split if split_scope else n
         plan = plan_compression(spec, span)
-        press = build_press(spec, plan)
+        q_window = (n - enc.split) if enc.split is not None else None  # finch: the question is its window
+        built = build_press(spec.tree, plan.press_ratio, question_tokens=q_window, n_layers=self.n_layers)
         press_s = [0.0]
-        if press is not None:
-            self._timed_press(press, press_s)
-        needed = METHODS[spec.method].attn if press is not None else None
+        if built.press is not None:
+            self._timed_press(built.press, press_s)
+        needed = built.attn if built.press is not None else None
 
         model = self.model
         dev = self.device
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         cache = DynamicCache()
-        with self._attention(needed) as attn_used:
-            self._sync()
-            t0 = time.perf_counter()
-            press_ctx = press(model) if press is not None else contextlib.nullcontext()
-            if not context_only:
-                with press_ctx:
-                    out = model(input_ids=input_ids, past_key_values=cache, logits_to_keep=1)
-                logits = out.logits[0, -1]
-            else:
-                if split > 0:
-                    with press_ctx:
-                        model.model(input_ids=input_ids[:, :split], past_key_values=cache)
-                lens = [cache.get_seq_length(i) for i in range(len(cache))] if split > 0 else [0]
-                q = input_ids[:, split:]
-                pos = torch.arange(split, n, device=dev).unsqueeze(0)
-                if len(set(lens)) <= 1:
-                    out = model(input_ids=q, past_key_values=cache, position_ids=pos, logits_to_keep=1)
+        torch.manual_seed(0)  # presses with random sketches (leverage, compactor, cur) are reproducible
+        clear_masks(model)
+        stack = contextlib.ExitStack()  # the decoding-time press context (closed even on errors)
+        try:
+            with self._attention(needed) as attn_used:
+                self._sync()
+                t0 = time.perf_counter()
+                if not split_scope:
+                    with self._press_ctx(built, "prefill"):
+                        out = model(input_ids=input_ids, past_key_values=cache, logits_to_keep=1)
+                    logits = out.logits[0, -1]
+                    after = self._kv_state(cache)
+                    position = cache.get_seq_length() if built.rerotates else n
+                    stack.enter_context(self._press_ctx(built, "decode"))
                 else:
-                    # per-layer lengths differ (pyramidkv): a multi-token step would need per-layer masks;
-                    # feed the question one token at a time (each step attends to everything before it)
-                    for j in range(q.shape[1]):
-                        out = model(input_ids=q[:, j : j + 1], past_key_values=cache, position_ids=pos[:, j : j + 1])
-                logits = out.logits[0, -1]
-            next_id = int(logits.argmax())
-            self._sync()
-            prefill_s = time.perf_counter() - t0
+                    if split > 0:
+                        with self._press_ctx(built, "prefill"):
+                            model.model(input_ids=input_ids[:, :split], past_key_values=cache)
+                    after_ctx = self._kv_state(cache)
+                    # the question continues at the original positions (kvpress's pipeline), or right after the
+                    # kept keys for presses that re-rotate them
+                    start = cache.get_seq_length() if (built.rerotates and split > 0) else split
+                    stack.enter_context(self._press_ctx(built, "decode"))
+                    q = input_ids[:, split:]
+                    pos = torch.arange(start, start + q.shape[1], device=dev).unsqueeze(0)
+                    lens = after_ctx["lens"] if split > 0 else [0]
+                    if len(set(lens)) <= 1:
+                        out = model(input_ids=q, past_key_values=cache, position_ids=pos, logits_to_keep=1)
+                    else:
+                        # per-layer lengths differ (pyramidkv): a multi-token step would need per-layer masks;
+                        # feed the question one token at a time (each step attends to everything before it)
+                        for j in range(q.shape[1]):
+                            out = model(input_ids=q[:, j : j + 1], past_key_values=cache,
+                                        position_ids=pos[:, j : j + 1])
+                    logits = out.logits[0, -1]
+                    after = self._kv_state(cache)
+                    position = start + q.shape[1]
+                next_id = int(logits.argmax())
+                self._sync()
+                prefill_s = time.perf_counter() - t0
+                self.live_kv_tokens = round(sum(after["lens"]) / len(after["lens"]))
+                self.live_kv_bytes = after["bytes"]
 
-            layer_lens = [cache.get_seq_length(i) for i in range(len(cache))]
-            kv_bytes = sum(
-                (layer.keys.numel() + layer.values.numel()) * layer.keys.element_size() for layer in cache.layers
-            )
-            kv_after = round(sum(layer_lens) / len(layer_lens))
-            self.live_kv_tokens, self.live_kv_bytes = kv_after, kv_bytes
-
-            # greedy decoding
-            t1 = time.perf_counter()
-            gen: list[int] = []
-            text, emitted = "", 0
-            stops = [s for s in (stop or []) if s]
-            hold = max((len(s) for s in stops), default=1) - 1
-            finish = "length"
-            position = n
-            while True:
-                gen.append(next_id)
-                if not ignore_eos and next_id in self.stop_ids:
-                    finish = "stop"
-                    break
-                text = self.tokenizer.decode(gen, skip_special_tokens=True)
-                if stops:
-                    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-                    if cut >= 0:
-                        text, finish = text[:cut], "stop"
+                # greedy decoding (under the press when it compresses while generating)
+                t1 = time.perf_counter()
+                gen: list[int] = []
+                text, emitted = "", 0
+                stops = [s for s in (stop or []) if s]
+                hold = max((len(s) for s in stops), default=1) - 1
+                finish = "length"
+                while True:
+                    gen.append(next_id)
+                    if not ignore_eos and next_id in self.stop_ids:
+                        finish = "stop"
                         break
-                if on_delta is not None and not text.endswith("\ufffd"):
-                    safe = len(text) - hold
-                    if safe > emitted:
-                        on_delta(text[emitted:safe])
-                        emitted = safe
-                if len(gen) >= max_new_tokens or (cancelled is not None and cancelled()):
-                    break
-                out = model(
-                    input_ids=torch.tensor([[next_id]], device=dev),
-                    past_key_values=cache,
-                    position_ids=torch.tensor([[position]], device=dev),
-                )
-                position += 1
-                next_id = int(out.logits[0, -1].argmax())
-                self.live_kv_tokens += 1
-            if finish == "stop" and not stops:
-                text = self.tokenizer.decode(gen, skip_special_tokens=True)
-            if on_delta is not None and len(text) > emitted:
-                on_delta(text[emitted:])
-            self._sync()
-            decode_s = time.perf_counter() - t1
-        self.live_kv_tokens, self.live_kv_bytes = 0, 0
+                    text = self.tokenizer.decode(gen, skip_special_tokens=True)
+                    if stops:
+                        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+                        if cut >= 0:
+                            text, finish = text[:cut], "stop"
+                            break
+                    if on_delta is not None and not text.endswith("\ufffd"):
+                        safe = len(text) - hold
+                        if safe > emitted:
+                            on_delta(text[emitted:safe])
+                            emitted = safe
+                    if len(gen) >= max_new_tokens or (cancelled is not None and cancelled()):
+                        break
+                    out = model(
+                        input_ids=torch.tensor([[next_id]], device=dev),
+                        past_key_values=cache,
+                        position_ids=torch.tensor([[position]], device=dev),
+                    )
+                    position += 1
+                    next_id = int(out.logits[0, -1].argmax())
+                    self.live_kv_tokens = cache.get_seq_length()
+                final = self._kv_state(cache)
+                stack.close()
+                if finish == "stop" and not stops:
+                    text = self.tokenizer.decode(gen, skip_special_tokens=True)
+                if on_delta is not None and len(text) > emitted:
+                    on_delta(text[emitted:])
+                self._sync()
+                decode_s = time.perf_counter() - t1
+        finally:
+            stack.close()
+            clear_masks(model)
+            self.live_kv_tokens, self.live_kv_bytes = 0, 0
 
+        tree = spec.tree
+        memory = tree.memory() if built.press is not None else "none"
+        lens, eff = after["lens"], after["effective"]
+        per_tok_layer = self.kv_bytes_per_token / self.n_layers
         applied = {
             "method": spec.method,
+            "press": tree.to_dict(),  # the whole validated tree, every parameter (kvpress defaults filled in)
+            "recipe": spec.recipe,
             "semantics": spec.semantics,
             "compression_ratio": round(plan.effective_ratio, 6),
-            "requested_compression_ratio": spec.compression_ratio if spec.method != "full" else None,
+            "requested_compression_ratio": spec.compression_ratio if tree.method != "full" else None,
             "budget": spec.budget,
             "scope": spec.scope,
-            "question_start": spec.question_start if context_only else None,
+            "question_start": spec.question_start if (split_scope or tree.method == "finch") else None,
             "params": dict(spec.params),
             "compressed_span_tokens": span,
-            "question_tokens": n - split if context_only else 0,
+            "question_tokens": n - split if split_scope else 0,
             "skipped": plan.skipped,
+            "phase": tree.phase(),
+            "memory": memory,  # frees | masks | zeroes | none
+            "masked": memory in ("masks", "zeroes"),  # true: the full tensors are kept ("masked, not freed")
             "kv_tokens_before": n,
-            "kv_tokens_after": kv_after,
-            "kv_tokens_after_min": min(layer_lens),
-            "kv_tokens_after_max": max(layer_lens),
+            # effective KV entries per layer when decoding starts (masked entries excluded), mean over layers
+            "kv_tokens_after": round(sum(eff) / len(eff)),
+            "kv_tokens_after_min": round(min(eff)),
+            "kv_tokens_after_max": round(max(eff)),
+            "kv_tokens_held": round(sum(lens) / len(lens)),  # entries physically held per layer
+            "kv_tokens_masked": round(sum(after["masked"]) / self.n_kv_heads / len(lens)) if after["masked"] else 0,
+            "kv_tokens_final": round(sum(final["effective"]) / len(final["effective"])),  # after decoding
             "kv_bytes_before": n * self.kv_bytes_per_token,
-            "kv_bytes_after": kv_bytes,
+            "kv_bytes_after": after["bytes"],  # bytes actually held (masked entries included)
+            "kv_bytes_effective": round(sum(eff) * per_tok_layer),  # what a cache without the masked entries holds
             "attn_implementation": attn_used,
             "prefill_s": round(prefill_s, 6),
             "press_s": round(press_s[0], 6),

@@ -10,136 +10,46 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-SCOPES = ("query_aware", "context_only")
+from .presses import ALL, KINDS, RECIPES, TOP_KEYS, Node, PressSpecError, parse_node  # noqa: F401
 
+# query_aware: the whole prompt is compressed in one prefill; context_only: the context before question_start
+# is compressed, the question prefilled after it (one tokenization, split at a token); kvpress_pipeline:
+# exactly kvpress's KVPressTextGenerationPipeline (context and question tokenized separately, the question
+# with the chat template's closing tokens and any answer prefix kept out of compression)
+SCOPES = ("query_aware", "context_only", "kvpress_pipeline")
+SPLIT_SCOPES = ("context_only", "kvpress_pipeline")
 
-class PressSpecError(ValueError):
-    """A kv_press specification that cannot be served (maps to HTTP 400)."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-
-
-@dataclass(frozen=True)
-class MethodInfo:
-    name: str
-    press_class: str | None  # kvpress class name; None for "full"
-    params: dict[str, Any]  # parameter -> engine default
-    attn: str | None = None  # "eager": needs attention weights; "no_eager": per-layer budgets need sdpa
-    # the compressed span must hold more than this many tokens (window / sink sizes), else no compression
-    min_tokens_param: tuple[str, ...] = ()
-    description: str = ""
-
-
-METHODS: dict[str, MethodInfo] = {
-    m.name: m
-    for m in [
-        MethodInfo("full", None, {}, description="no compression (baseline)"),
-        MethodInfo(
-            "snapkv",
-            "SnapKVPress",
-            {"window_size": 64, "kernel_size": 5},
-            min_tokens_param=("window_size",),
-            description="SnapKV: attention of the last window_size queries, pooled",
-        ),
-        MethodInfo(
-            "streamingllm",
-            "StreamingLLMPress",
-            {"n_sink": 4},
-            min_tokens_param=("n_sink",),
-            description="StreamingLLM: keep n_sink first tokens and the most recent ones",
-        ),
-        MethodInfo(
-            "observed_attention",
-            "ObservedAttentionPress",
-            {},
-            attn="eager",
-            description="H2O-style: average attention each key received during prefill (eager attention)",
-        ),
-        MethodInfo(
-            "pyramidkv",
-            "PyramidKVPress",
-            {"window_size": 64, "kernel_size": 5, "beta": 20},
-            attn="no_eager",
-            min_tokens_param=("window_size",),
-            description="PyramidKV: SnapKV scores with per-layer pyramid budgets",
-        ),
-        MethodInfo("knorm", "KnormPress", {}, description="keep keys with the smallest L2 norm"),
-        MethodInfo("tova", "TOVAPress", {}, description="TOVA: attention of the last token, averaged over heads"),
-        MethodInfo(
-            "expected_attention",
-            "ExpectedAttentionPress",
-            {"n_future_positions": 512, "n_sink": 4, "use_covariance": True, "use_vnorm": True, "epsilon": 0.0},
-            min_tokens_param=("n_sink",),
-            description="expected attention of future queries (query statistics + averaged RoPE)",
-        ),
-        MethodInfo("random", "RandomPress", {"seed": 0}, description="random eviction (control); seeded"),
-    ]
-}
-
-# parameter name -> expected python type (bool before int: bool is an int subclass)
-PARAM_TYPES: dict[str, type] = {
-    "window_size": int,
-    "kernel_size": int,
-    "beta": int,
-    "n_sink": int,
-    "n_future_positions": int,
-    "use_covariance": bool,
-    "use_vnorm": bool,
-    "epsilon": float,
-    "seed": int,
-}
-
-KV_PRESS_KEYS = {"method", "compression_ratio", "budget", "scope", "question_start", *PARAM_TYPES}
+# names a request's kv_press may carry (flat parameters of the top press + the request-level knobs)
+METHODS = ALL
 
 
 @dataclass
 class PressSpec:
-    """What the client (or the server default) asked for."""
+    """What the client (or the server default) asked for, validated."""
 
-    method: str = "full"
+    method: str = "full"  # the name asked for (a press or a recipe)
     compression_ratio: float | None = None
     budget: int | None = None
     scope: str = "query_aware"
     question_start: int | None = None
-    params: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)  # parameters of the top press (server flags: any)
+    node: Node | None = None  # the validated press tree (None only for unresolved server defaults)
 
-    def info(self) -> MethodInfo:
-        return METHODS[self.method]
+    @property
+    def tree(self) -> Node:
+        return self.node if self.node is not None else Node("full")
+
+    @property
+    def recipe(self) -> str | None:
+        return self.method if self.method in RECIPES else None
 
     @property
     def semantics(self) -> str:
-        if self.method == "full":
+        if self.tree.method == "full":
             return "none"
+        if not self.tree.takes_ratio():
+            return "press"  # the press sizes itself from its own parameters
         return "budget" if self.budget is not None else "ratio"
-
-
-def _check_param(name: str, value: Any, where: str) -> Any:
-    typ = PARAM_TYPES[name]
-    if typ is bool:
-        if not isinstance(value, bool):
-            raise PressSpecError(f"{name} must be a boolean", f"{where}.{name}")
-        return value
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise PressSpecError(f"{name} must be an integer", f"{where}.{name}")
-        if name == "seed":
-            return value
-        if name == "kernel_size":
-            if value < 1 or value % 2 == 0:
-                raise PressSpecError("kernel_size must be a positive odd integer", f"{where}.{name}")
-            return value
-        lo = 0 if name == "n_sink" else 1
-        if value < lo:
-            raise PressSpecError(f"{name} must be >= {lo}", f"{where}.{name}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise PressSpecError(f"{name} must be a finite number", f"{where}.{name}")
-    if value < 0:
-        raise PressSpecError(f"{name} must be >= 0", f"{where}.{name}")
-    return float(value)
 
 
 def validate_ratio(value: Any, param: str = "kv_press.compression_ratio") -> float:
@@ -164,26 +74,22 @@ def validate_budget(value: Any, param: str = "kv_press.budget") -> int:
 def resolve_press_spec(default: PressSpec, override: dict[str, Any] | None) -> PressSpec:
     """Merge a request's ``kv_press`` object over the server default and validate the result.
 
-    Rules: ``method`` in the request replaces the default method; ``compression_ratio`` and ``budget`` are
-    mutually exclusive in one request and a request giving either replaces both defaults; method parameters
-    given in the request win over the server's flags, which win over the method's defaults; parameters a
-    method does not take are rejected when given in the request (ignored when they come from server flags).
+    Rules: ``method`` in the request replaces the default method (and its press tree); ``compression_ratio``
+    and ``budget`` are mutually exclusive in one request and a request giving either replaces both defaults;
+    parameters of the top press given in the request win over the server's flags, which win over kvpress's
+    defaults; parameters a press does not take are rejected when given in the request (server flags for other
+    methods are ignored). Nested presses (``inner``, ``presses``, ``prefill``/``decoding``) come only from the
+    request. Every error names the field (``kv_press.inner.window_size``).
     """
     where = "kv_press"
     if override is None:
         override = {}
     if not isinstance(override, dict):
         raise PressSpecError("kv_press must be an object", where)
-    unknown = sorted(set(override) - KV_PRESS_KEYS)
-    if unknown:
-        raise PressSpecError(f"unknown kv_press field(s): {', '.join(unknown)}", f"{where}.{unknown[0]}")
 
     method = override.get("method", default.method)
-    if not isinstance(method, str) or method not in METHODS:
-        raise PressSpecError(
-            f"unknown method {method!r}; known methods: {', '.join(METHODS)}", f"{where}.method"
-        )
-    info = METHODS[method]
+    if not isinstance(method, str) or method not in ALL:
+        raise PressSpecError(f"unknown method {method!r}; known methods: {', '.join(ALL)}", f"{where}.method")
 
     if "compression_ratio" in override and "budget" in override:
         if override["compression_ratio"] is not None and override["budget"] is not None:
@@ -206,34 +112,45 @@ def resolve_press_spec(default: PressSpec, override: dict[str, Any] | None) -> P
     if question_start is not None:
         if isinstance(question_start, bool) or not isinstance(question_start, int) or question_start < 0:
             raise PressSpecError("question_start must be a non-negative integer", f"{where}.question_start")
-    if scope == "context_only" and question_start is None:
+    if scope in SPLIT_SCOPES and question_start is None:
         raise PressSpecError(
-            "scope context_only needs question_start (where the question begins in the prompt)",
+            f"scope {scope} needs question_start (where the question begins in the prompt)",
             f"{where}.question_start",
         )
 
-    params: dict[str, Any] = {}
-    for name, dflt in info.params.items():
-        value = dflt
-        if name in default.params and default.params[name] is not None:
-            value = default.params[name]
-        if name in override and override[name] is not None:
-            value = override[name]
-        params[name] = _check_param(name, value, where)
-    for name in PARAM_TYPES:
-        if name in override and override[name] is not None and name not in info.params:
-            raise PressSpecError(f"method {method!r} takes no parameter {name!r}", f"{where}.{name}")
+    tree_obj = {k: v for k, v in override.items() if k not in TOP_KEYS and v is not None}
+    tree_obj["method"] = method
+    node = parse_node(tree_obj, where, defaults=default.params)
 
-    if method == "full":
-        if override.get("budget") is not None or (override.get("compression_ratio") or 0) > 0:
-            raise PressSpecError("method 'full' takes no compression_ratio or budget", f"{where}.method")
+    explicit_knob = override.get("budget") is not None or bool(override.get("compression_ratio"))
+    if node.method == "full":
+        if explicit_knob:
+            raise PressSpecError(f"method {method!r} takes no compression_ratio or budget", f"{where}.method")
         ratio, budget = None, None
+    elif not node.takes_ratio():
+        if explicit_knob:
+            which = "budget" if override.get("budget") is not None else "compression_ratio"
+            raise PressSpecError(
+                f"method {method!r} takes no {which}: it sizes itself from its own parameters "
+                f"({', '.join(node.kind.params) or 'its inner presses'})", f"{where}.{which}")
+        ratio, budget = None, None
+    elif budget is not None and not node.takes_budget():
+        raise PressSpecError(
+            f"method {method!r} cannot hit a token budget exactly (it keeps tokens per chunk/layer/press); "
+            "use compression_ratio", f"{where}.budget")
     elif ratio is None and budget is None:
         raise PressSpecError(
             f"method {method!r} needs compression_ratio or budget (none in the request nor the server defaults)",
             f"{where}.compression_ratio",
         )
-    return PressSpec(method, ratio, budget, scope, question_start, params)
+    if node.kind.needs_question or any(n.kind.needs_question for n in node.walk()):
+        if question_start is None:
+            raise PressSpecError(f"method {method!r} needs question_start: the question is its observation window",
+                                 f"{where}.question_start")
+        if scope != "query_aware":
+            raise PressSpecError(f"method {method!r} compresses the question with the context: use scope "
+                                 "query_aware (with question_start)", f"{where}.scope")
+    return PressSpec(method, ratio, budget, scope, question_start, dict(node.params), node)
 
 
 @dataclass(frozen=True)
@@ -253,33 +170,36 @@ def plan_compression(spec: PressSpec, span_tokens: int) -> CompressionPlan:
     budget: a span of at most ``budget`` tokens is not compressed; a longer one keeps exactly ``budget``
             tokens, i.e. effective ratio = 1 - budget / n.
     Presses that need a minimum span (snapkv/pyramidkv: more than window_size tokens; streamingllm and
-    expected_attention: more than n_sink) are skipped below it, and the reason is recorded.
+    expected_attention: more than n_sink; also inside wrappers) are skipped below it, and the reason is recorded.
+    Presses that size themselves (decoding, per_layer, think, dms, ...) get no ratio: press_ratio is 0 and
+    the engine builds them from their parameters.
     """
     n = span_tokens
-    if spec.method == "full":
+    tree = spec.tree
+    if tree.method == "full":
         return CompressionPlan(0.0, 0.0, n)
     if n <= 0:
         return CompressionPlan(0.0, 0.0, 0, skipped="nothing to compress (empty span)")
+    for pname, need in tree.min_tokens():
+        if n <= need:
+            return CompressionPlan(
+                0.0, 0.0, n, skipped=f"span of {n} tokens is not longer than {pname}={need}; not compressed"
+            )
+    if tree.method == "tova" and n < 2:
+        return CompressionPlan(0.0, 0.0, n, skipped="tova needs at least 2 tokens")
+    if not tree.takes_ratio():
+        return CompressionPlan(0.0, 0.0, n)
     if spec.budget is not None:
         if n <= spec.budget:
             return CompressionPlan(0.0, 0.0, n, skipped=f"span of {n} tokens is within the budget of {spec.budget}")
         effective = 1.0 - spec.budget / n
         # int(n * (1 - r)) must equal the budget exactly: aim half a token above it
         # (pyramidkv spreads the budget over layers with its own rounding: give it the exact ratio)
-        press_ratio = effective if spec.method == "pyramidkv" else 1.0 - (spec.budget + 0.5) / n
+        press_ratio = effective if tree.per_layer_lengths() else 1.0 - (spec.budget + 0.5) / n
         plan = CompressionPlan(effective, press_ratio, spec.budget)
     else:
         r = float(spec.compression_ratio or 0.0)
         plan = CompressionPlan(r, r, max(1, int(n * (1 - r))) if r > 0 else n)
-    info = spec.info()
-    for pname in info.min_tokens_param:
-        need = int(spec.params.get(pname, info.params[pname]))
-        if n <= need:
-            return CompressionPlan(
-                0.0, 0.0, n, skipped=f"span of {n} tokens is not longer than {pname}={need}; not compressed"
-            )
-    if spec.method == "tova" and n < 2:
-        return CompressionPlan(0.0, 0.0, n, skipped="tova needs at least 2 tokens")
     if plan.press_ratio <= 0:  # ratio 0: a legitimate request that removes nothing
         return CompressionPlan(0.0, 0.0, n)
     return plan

@@ -172,12 +172,13 @@ class State:
             if job.cancel.is_set():
                 job.emit("error", 499, "client went away", None, None)
                 return
+            separate = job.spec.scope == "kvpress_pipeline"
             if job.kind == "completion":
-                enc = eng.encode_completion(req.prompt, job.spec.question_start)
+                enc = eng.encode_completion(req.prompt, job.spec.question_start, separate)
                 max_req = req.max_tokens
             else:
                 msgs = [m.model_dump() for m in req.messages]
-                enc = eng.encode_chat(msgs, job.spec.question_start)
+                enc = eng.encode_chat(msgs, job.spec.question_start, separate)
                 max_req = req.max_completion_tokens or req.max_tokens
             max_new = eng.check_length(len(enc.ids), max_req, self.cfg.default_max_tokens)
             job.emit("started", len(enc.ids))
@@ -232,6 +233,7 @@ def _spec_dict(spec: PressSpec) -> dict[str, Any]:
         "budget": spec.budget,
         "scope": spec.scope,
         "params": spec.params,
+        "press": spec.node.to_dict() if spec.node is not None else None,
     }
 
 
