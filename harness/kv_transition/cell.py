@@ -168,10 +168,14 @@ def request_body(entry: dict[str, Any], spec: ResolvedSpec, cfg: Config) -> dict
     _merge(body, spec.request_extras)
     if spec.send_add_special_tokens:
         body["add_special_tokens"] = bool(entry["add_special_tokens"])
-    if cfg.kv.scope == "context_only" and isinstance(body.get(KV_CARRIER), dict):
-        body[KV_CARRIER]["scope"] = "context_only"
-        if entry.get("question_start") is not None:
-            body[KV_CARRIER]["question_start"] = int(entry["question_start"])
+    if isinstance(body.get(KV_CARRIER), dict):
+        kv = body[KV_CARRIER]
+        if cfg.kv.scope in ("context_only", "kvpress_pipeline"):
+            kv["scope"] = cfg.kv.scope
+            if entry.get("question_start") is not None:
+                kv["question_start"] = int(entry["question_start"])
+        elif kv.get("method") == "finch" and entry.get("question_start") is not None:
+            kv["question_start"] = int(entry["question_start"])  # finch: the question is its window
     return body
 
 

@@ -170,6 +170,55 @@ def cmd_datasets_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    """Every engine's KV methods with their catalog properties (engines/<name>/engine.yaml)."""
+    from kv_transition.engines.spec import list_engines, load_engine
+
+    names = [args.engine] if args.engine else list_engines()
+    rows = []
+    for name in names:
+        eng = load_engine(name)
+        for method, m in eng.methods.items():
+            p = m.properties
+            rows.append({
+                "engine": name, "method": method, "supports": m.supports, "baseline": m.baseline,
+                "attention": p.get("attention"), "query_aware": p.get("query_aware"), "phase": p.get("phase"),
+                "memory": p.get("memory"), "takes": p.get("takes"),
+                "needs": p.get("artifact") and (p.get("required") or ["artifact"]) or p.get("needs"),
+                "leaderboard": p.get("leaderboard"), "recipe": p.get("recipe"), "description": m.description,
+                "properties": p,
+            })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.table import Table
+
+    from kv_transition.ui import console
+
+    yes = {True: "yes", False: "no", None: ""}
+    for name in names:
+        t = Table(title=f"{name}: KV methods (engines/{name}/engine.yaml)")
+        for c in ("method", "knobs", "attn", "query", "phase", "memory", "notes"):
+            t.add_column(c, overflow="fold", no_wrap=c != "notes")
+        for r in (r for r in rows if r["engine"] == name):
+            memory = {"masks": "masked, not freed", "zeroes": "zeroed, not freed"}.get(r["memory"], r["memory"] or "")
+            needs = r["needs"]
+            notes = [r["description"]]
+            if r["takes"]:
+                notes.append(f"takes {r['takes']}")
+            if needs:
+                notes.append(f"needs {','.join(needs) if isinstance(needs, list) else needs}")
+            if r["leaderboard"]:
+                notes.append(f"leaderboard: {r['leaderboard']}")
+            knobs = {"compression_ratio": "r", "budget": "b"}
+            t.add_row(r["method"] + (" *" if r["baseline"] else ""), "/".join(knobs.get(k, k) for k in r["supports"]) or "-",
+                      {"no_eager": "!eager"}.get(r["attention"], r["attention"] or ""), yes.get(r["query_aware"], ""),
+                      r["phase"] or "", memory, "; ".join(notes))
+        console.print(t)
+    console.print("knobs: r = compression_ratio, b = budget; * = the full-cache baseline; query = query-aware scores")
+    return 0
+
+
 def _require_db(paths: Any) -> None:
     from kv_transition.errors import KvtError
 
@@ -405,6 +454,30 @@ def _dataset_in_db(paths: Any) -> bool:
         conn.close()
 
 
+def _method_spec(args: argparse.Namespace, cfg: Any) -> tuple[str, Any]:
+    """--method '{method: adakv, inner: {method: snapkv}}' (YAML/JSON): the name, and the rest as kv.params
+    (so the whole spec is in the request and in the cell id); compression_ratio/budget may sit in it too."""
+    import yaml
+
+    from kv_transition.errors import ConfigError
+
+    try:
+        spec = yaml.safe_load(args.method)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--method: not a YAML/JSON method spec: {str(e).splitlines()[0]}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("method"), str):
+        raise ConfigError("--method: a method spec needs method: <name>, e.g. '{method: adakv, inner: {method: snapkv}}'")
+    spec = dict(spec)
+    name = spec.pop("method")
+    for key, attr in (("compression_ratio", "ratio"), ("budget", "budget")):
+        if key in spec:
+            if getattr(args, attr) is not None:
+                raise ConfigError(f"--method: {key} given twice (in the spec and as --{attr})")
+            setattr(args, attr, spec.pop(key))
+    kv = cfg.kv.model_copy(update={"params": {**(cfg.kv.params or {}), **spec}})
+    return name, cfg.model_copy(update={"kv": kv})
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """One cell: prepare the manifest if missing, start the engine, send the manifest, tear down.
     Exit 0 when the cell is complete, 1 when it failed or is incomplete (re-run to finish it)."""
@@ -412,6 +485,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_inputs(args, cfg, for_run=True)  # bad flags / model path: exit 2 before prepare, DB rows or an engine
     from kv_transition.cell import cell_summary, run_cell
     from kv_transition.ui import console, stage_progress
+
+    if args.method and args.method.lstrip().startswith("{"):
+        args.method, cfg = _method_spec(args, cfg)
 
     if not _dataset_in_db(paths):
         from kv_transition.prepare import prepare
@@ -472,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("run", cmd_run, "run one cell: start the engine for one KV method, send the manifest, record everything")
     sp.add_argument("--engine", help="engine name (engines/<name>/engine.yaml; default: engine.name)")
-    sp.add_argument("--method", help="KV method of that engine (default: kv.method)")
+    sp.add_argument("--method", help="KV method of that engine (default: kv.method), or a whole spec in YAML/JSON: "
+                    "'{method: adakv, inner: {method: snapkv, window_size: 32}}' (the rest becomes kv.params)")
     knob = sp.add_mutually_exclusive_group()
     knob.add_argument("--budget", type=int, help="KV budget in tokens (methods that support it)")
     knob.add_argument("--ratio", type=float, help="compression ratio in [0, 1) (methods that support it)")
@@ -494,6 +571,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE",
                     help="override one key of --config (repeatable)")
     sp.add_argument("--runs-root", default="runs", help="where the groups' DBs live (default: runs)")
+
+    sp = add("methods", cmd_methods, "list every engine's KV methods with their properties (from the catalogs)",
+             config=False)
+    sp.add_argument("--engine", help="only this engine")
+    sp.add_argument("--json", action="store_true")
 
     m = sub.add_parser("manifest", help="manifest tools")
     msub = m.add_subparsers(dest="manifest_command", metavar="SUBCOMMAND", parser_class=_Parser)

@@ -197,7 +197,7 @@ class KvCfg(Strict):
     method: str = "full"
     compression_ratio: Optional[float] = Field(default=None, ge=0.0, lt=1.0)
     budget: Optional[int] = Field(default=None, gt=0)
-    scope: Literal["query_aware", "context_only"] = "query_aware"
+    scope: Literal["query_aware", "context_only", "kvpress_pipeline"] = "query_aware"
     params: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

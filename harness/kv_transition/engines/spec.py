@@ -73,6 +73,7 @@ class MethodDef(_Strict):
     supports: list[Literal["compression_ratio", "budget"]] = Field(default_factory=list)
     baseline: bool = False                                   # the full-cache reference of this engine
     runtimes: dict[RuntimeName, MethodRuntimeDef] = Field(default_factory=dict)
+    properties: dict[str, Any] = Field(default_factory=dict)  # catalog data (attention, phase, memory, ...)
 
 
 class PrefixCacheDef(_Strict):
@@ -365,6 +366,14 @@ def resolve(
         # the per-request method carrier: the first dict field of the method's request (e.g. kv_press)
         carrier = next((k for k, v in m.request.items() if isinstance(v, dict)), None)
         if carrier is not None:
+            # kv.params (a matrix method entry's fields) go into the request's method object: parameters and,
+            # for wrappers, their nested presses ({inner: {method: snapkv}}) — so they are in the cell id too
+            _merge_into(extras[carrier], copy.deepcopy(params or {}))
+            for slot in str(m.properties.get("takes") or "").split("+"):
+                if slot and slot not in extras[carrier]:
+                    raise ConfigError(
+                        f"kv.params.{slot}: method {eng.name}/{method} wraps other presses: give {slot} "
+                        f"(e.g. a matrix entry {{method: {method}, {slot}: {{method: snapkv}}}})")
             if compression_ratio is not None:
                 extras[carrier]["compression_ratio"] = compression_ratio
             if budget is not None:

@@ -51,7 +51,16 @@ class MatrixCell:
     def label(self) -> str:
         knob = (f" r={self.compression_ratio:g}" if self.compression_ratio is not None
                 else f" b={self.budget}" if self.budget is not None else "")
-        return f"{self.engine}/{self.method}{knob}"
+        return f"{self.engine}/{tree_label(self.method, self.cfg.kv.params)}{knob}"
+
+
+def tree_label(method: str, params: dict[str, Any]) -> str:
+    """adakv(snapkv), composed(snapkv+knorm): the nested presses of a method spec, for labels."""
+    nested = [params[k] for k in ("inner", "prefill", "decoding") if isinstance(params.get(k), dict)]
+    nested += [p for p in params.get("presses") or [] if isinstance(p, dict)]
+    if not nested:
+        return method
+    return f"{method}({'+'.join(tree_label(str(n.get('method')), n) for n in nested)})"
 
 
 @dataclass

@@ -75,7 +75,10 @@ class MethodEntry(_Strict):
 
 
 class EngineEntry(Knobs):
-    methods: Union[list[str], dict[str, Optional[MethodEntry]]]
+    # names, or {name: entry}, or a list mixing names and full method specs:
+    #   - {method: adakv, inner: {method: snapkv}, compression_ratios: [0.5]}
+    # (a spec's other fields become the cell's kv.params: parameters and nested presses, in the cell id)
+    methods: Union[list[Union[str, dict[str, Any]]], dict[str, Optional[MethodEntry]]]
     compression_ratios: list[float] = Field(default_factory=list)
     budgets: list[int] = Field(default_factory=list)
 
@@ -93,9 +96,28 @@ class EngineEntry(Knobs):
             raise ValueError(f"budgets must be positive token counts (got {v})")
         return v
 
+    @field_validator("methods")
+    @classmethod
+    def _specs(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            for i, m in enumerate(v):
+                if isinstance(m, dict) and not isinstance(m.get("method"), str):
+                    raise ValueError(f"methods[{i}]: a method spec needs method: <name>")
+                if isinstance(m, dict):
+                    MethodEntry(**{k: m[k] for k in ("compression_ratios", "budgets") if k in m})
+        return v
+
     def method_entries(self) -> list[tuple[str, MethodEntry]]:
         if isinstance(self.methods, list):
-            return [(m, MethodEntry()) for m in self.methods]
+            out = []
+            for m in self.methods:
+                if isinstance(m, str):
+                    out.append((m, MethodEntry()))
+                    continue
+                rest = {k: v for k, v in m.items() if k not in ("method", "compression_ratios", "budgets")}
+                out.append((m["method"], MethodEntry(compression_ratios=m.get("compression_ratios"),
+                                                     budgets=m.get("budgets"), params=rest)))
+            return out
         return [(m, e or MethodEntry()) for m, e in self.methods.items()]
 
 
