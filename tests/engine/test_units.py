@@ -99,11 +99,100 @@ def test_request_overrides_default():
     assert spec.params["window_size"] == 16
 
 
+# what each catalog name needs besides a ratio, to be a complete request
+NEEDS = {
+    "inner": {"method": "snapkv"}, "presses": [{"method": "snapkv"}, {"method": "knorm"}],
+    "prefill": {"method": "knorm"}, "decoding": {"method": "decoding", "inner": {"method": "knorm"}},
+    "qfilter_path": "/nonexistent", "kvzap_path": "/nonexistent", "threshold": 0.1,
+    "key_channel_compression_ratio": 0.5, "compression_ratios": [0.5] * 30, "question_start": 3,
+}
+
+
+def _complete(name: str) -> dict:
+    from kvpress_engine.presses import ALL, supports
+
+    kind = ALL[name]
+    req = {"method": name}
+    if "compression_ratio" in supports(kind):
+        req["compression_ratio"] = 0.3
+    nested = (["inner"] if kind.inner else []) + (["presses"] if kind.children else []) + list(kind.slots)
+    for k in nested + [k for k, p in kind.params.items() if p.required]:
+        req[k] = NEEDS[k]
+    if kind.needs_question:
+        req["question_start"] = 3
+    return req
+
+
 def test_every_catalog_method_resolves():
     for name in METHODS:
-        spec = resolve_press_spec(PressSpec(), {"method": name} if name == "full" else {"method": name, "compression_ratio": 0.3})
-        assert spec.method == name
+        spec = resolve_press_spec(PressSpec(), _complete(name))
+        assert spec.method == name and spec.node is not None
     assert resolve_press_spec(PressSpec(), {"method": "random", "compression_ratio": 0.3}).params["seed"] == 0
+
+
+def test_nested_spec_echo_and_defaults():
+    spec = resolve_press_spec(PressSpec(), {"method": "adakv", "compression_ratio": 0.5,
+                                            "inner": {"method": "snapkv", "window_size": 16}})
+    assert spec.tree.to_dict() == {"method": "adakv", "alpha_safeguard": 0.2,
+                                   "inner": {"method": "snapkv", "window_size": 16, "kernel_size": 5}}
+    assert spec.tree.memory() == "masks" and spec.tree.attn() == "no_eager" and spec.semantics == "ratio"
+    # the snapkv window inside the wrapper still guards short spans
+    assert "snapkv.window_size=16" in plan_compression(spec, 10).skipped
+    rec = resolve_press_spec(PressSpec(), {"method": "expected_attention_leaderboard", "budget": 100})
+    assert rec.recipe == "expected_attention_leaderboard" and rec.tree.method == "adakv"
+    assert rec.tree.inner.params["epsilon"] == 0.01 and rec.tree.inner.method == "expected_attention"
+    dec = resolve_press_spec(PressSpec(), {"method": "decoding", "target_size": 64, "inner": {"method": "knorm"}})
+    assert dec.semantics == "press" and dec.tree.phase() == "decode"
+    assert plan_compression(dec, 1000).press_ratio == 0
+    comp = resolve_press_spec(PressSpec(), {"method": "composed", "compression_ratio": 0.5,
+                                            "presses": [{"method": "snapkv"}, {"method": "think",
+                                                                               "key_channel_compression_ratio": 0.5}]})
+    assert [p.method for p in comp.tree.presses] == ["snapkv", "think"]
+
+
+@pytest.mark.parametrize(
+    "override,param,fragment",
+    [
+        ({"method": "adakv", "compression_ratio": 0.5}, "kv_press.inner", "wraps an inner press"),
+        ({"method": "adakv", "compression_ratio": 0.5, "inner": {"method": "snapkv", "window_size": 0}},
+         "kv_press.inner.window_size", ">= 1"),
+        ({"method": "adakv", "compression_ratio": 0.5, "inner": {"method": "nope"}}, "kv_press.inner.method",
+         "unknown method"),
+        ({"method": "adakv", "compression_ratio": 0.5, "inner": {"method": "adakv", "inner": {"method": "knorm"}}},
+         "kv_press.inner.method", "needs a scorer press"),
+        ({"method": "adakv", "compression_ratio": 0.5, "inner": {"method": "observed_attention"}},
+         "kv_press.method", "eager"),
+        ({"method": "adakv", "compression_ratio": 0.5, "inner": {"method": "knorm", "compression_ratio": 0.2}},
+         "kv_press.inner.compression_ratio", "top of kv_press"),
+        ({"method": "knorm", "compression_ratio": 0.5, "inner": {"method": "knorm"}}, "kv_press.inner",
+         "not a wrapper"),
+        ({"method": "composed", "compression_ratio": 0.5, "presses": []}, "kv_press.presses", "non-empty"),
+        ({"method": "composed", "compression_ratio": 0.5, "presses": [{"method": "adakv", "inner": {"method": "knorm"}}]},
+         "kv_press.presses[0].method", "composed cannot contain"),
+        ({"method": "chunk", "budget": 64, "inner": {"method": "knorm"}}, "kv_press.budget", "exactly"),
+        ({"method": "decoding", "compression_ratio": 0.5, "inner": {"method": "knorm"}},
+         "kv_press.compression_ratio", "sizes itself"),
+        ({"method": "per_layer", "inner": {"method": "knorm"}, "compression_ratios": [1.5]},
+         "kv_press.compression_ratios", "[0, 1)"),
+        ({"method": "qfilter", "compression_ratio": 0.5}, "kv_press.qfilter_path", "Q-Filters checkpoint"),
+        ({"method": "kvzap", "compression_ratio": 0.5, "kvzap_path": 3}, "kv_press.kvzap_path", "local path"),
+        ({"method": "finch", "compression_ratio": 0.5}, "kv_press.question_start", "observation window"),
+        ({"method": "finch", "compression_ratio": 0.5, "scope": "kvpress_pipeline", "question_start": 3},
+         "kv_press.scope", "query_aware"),
+        ({"method": "expected_attention_leaderboard", "compression_ratio": 0.5, "epsilon": 0.1},
+         "kv_press.epsilon", "recipe"),
+        ({"method": "snapkv", "compression_ratio": 0.5, "scope": "kvpress_pipeline"}, "kv_press.question_start",
+         "question_start"),
+        ({"method": "cur", "compression_ratio": 0.5, "leverage_type": "nope"}, "kv_press.leverage_type", "one of"),
+        ({"method": "prefill_decoding", "compression_ratio": 0.5, "prefill": {"method": "knorm"},
+          "decoding": {"method": "knorm"}}, "kv_press.decoding.method", "decoding press"),
+    ],
+)
+def test_nested_rejects_name_the_field(override, param, fragment):
+    with pytest.raises(PressSpecError) as e:
+        resolve_press_spec(PressSpec(), override)
+    assert e.value.param == param, e.value.message
+    assert fragment in e.value.message and "\n" not in e.value.message
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ request defaults). Pure Python: no torch.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from .presses import ALL, properties, supports
@@ -45,9 +44,12 @@ def catalog() -> dict[str, dict[str, Any]]:
 
 
 def render() -> str:
+    import yaml
+
     lines = []
     for name, entry in catalog().items():
-        lines.append(f"  {name}: {json.dumps(entry, separators=(', ', ': '))}")
+        flow = yaml.safe_dump(entry, default_flow_style=True, sort_keys=False, width=10**6).strip()
+        lines.append(f"  {name}: {flow}")
     return "methods:\n" + "\n".join(lines) + "\n"
 
 
