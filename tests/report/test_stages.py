@@ -18,7 +18,8 @@ from kv_transition.db import connect, utcnow
 from kv_transition.prepare import prepare
 
 
-def _record_cell(conn: sqlite3.Connection, cell_id: str, method: str, dataset_id: str, answer_for) -> None:
+def _record_cell(conn: sqlite3.Connection, cell_id: str, method: str, dataset_id: str, answer_for,
+                 masked: bool = False) -> None:
     now = utcnow()
     conn.execute("INSERT INTO cells(cell_id, group_id, dataset_id, engine, method, compression_ratio, kv_scope, model_id,"
                  " repeats, inputs_json, config_json, config_hash, spec_json, status, created_at, updated_at)"
@@ -35,6 +36,8 @@ def _record_cell(conn: sqlite3.Connection, cell_id: str, method: str, dataset_id
         text = answer_for(bin_id, json.loads(answers)[0])
         kept = toks if method == "full" else toks // 2
         kv = {"method": method, "kv_tokens_before": toks, "kv_tokens_after": kept, "kv_bytes_after": kept * 9216}
+        if masked:  # what the kvpress engine reports for head-wise masking: the full tensors are held
+            kv.update(masked=True, memory="masks", kv_tokens_held=toks, kv_bytes_after=toks * 9216)
         conn.execute("INSERT INTO responses(request_id, attempt_no, run_id, text, finish_reason, prompt_tokens,"
                      " completion_tokens, total_tokens, ttft_s, tpot_s, e2e_s, itl_json, n_chunks, kv_applied_json,"
                      " streamed, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -118,6 +121,26 @@ def test_score_analyze_report(recorded, capsys: pytest.CaptureFixture):
     assert main(["report", *c, "--out", str(paths.run_dir / "elsewhere")]) == 0
     assert (paths.run_dir / "elsewhere" / "index.html").read_text() == (rep / "index.html").read_text()
     assert (rep / "index.html").stat().st_mtime_ns == before
+
+
+def test_masked_presses_are_reported_as_not_freed(small_synthetic: Path, capsys: pytest.CaptureFixture):
+    cfg = load_config(small_synthetic)
+    paths = resolve_paths(cfg)
+    prepare(cfg, paths)
+    conn = connect(paths.db)
+    _record_cell(conn, "kvpress.full-aaaa", "full", paths.dataset_id, lambda b, a: f"The pass key is {a}.")
+    _record_cell(conn, "kvpress.adakv.r0.5-cccc", "adakv", paths.dataset_id, lambda b, a: f"The pass key is {a}.",
+                 masked=True)
+    conn.close()
+    c = ["-c", str(small_synthetic)]
+    assert main(["score", "-q", *c]) == 0 and main(["analyze", *c]) == 0 and main(["report", *c]) == 0
+    capsys.readouterr()
+    conn = connect(paths.db)
+    saved = conn.execute("SELECT kv_saved_frac FROM analysis_bins WHERE cell_id LIKE '%adakv%'").fetchall()
+    conn.close()
+    assert saved and all(s[0] == 0 for s in saved)  # bytes held, not the masked count
+    md = (paths.report_dir / "report.md").read_text()
+    assert "kvpress/adakv r=0.5 [masked, not freed]" in md and "kvpress/full |" in md
 
 
 def test_report_without_db_is_a_clear_error(small_synthetic: Path, capsys: pytest.CaptureFixture):

@@ -227,6 +227,12 @@ def load_report_data(conn: sqlite3.Connection, *, n_boot: int = 1000, seed: int 
         c["label"] = cell_label(c)
         c["is_baseline"] = c["cell_id"] in base_cells
         c["knob"], c["knob_sort"] = knob_of(c)
+        # head-wise masking presses (kvpress adakv, kvzip, dms, ThinK) keep the full cache: say so next to them
+        c["masked"] = conn.execute(
+            "SELECT 1 FROM responses p JOIN requests r USING (request_id) WHERE r.cell_id = ?"
+            " AND p.kv_applied_json LIKE '%\"masked\": true%' LIMIT 1", (c["cell_id"],)).fetchone() is not None
+        if c["masked"]:
+            c["label"] += " [masked, not freed]"
     stats: dict[str, list[dict[str, Any]]] = {}
     for r in rows(conn, "SELECT * FROM analysis_bins ORDER BY cell_id, bin_id"):
         stats.setdefault(r["cell_id"], []).append(r)
