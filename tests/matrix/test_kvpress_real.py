@@ -65,3 +65,50 @@ def test_smoke_matrix_with_the_real_kvpress_engine(tmp_path: Path, monkeypatch: 
     applied = [r["kv_applied_json"] for r in rows(conn, "SELECT kv_applied_json FROM responses")]
     assert any(a and "snapkv" in a for a in applied), applied
     conn.close()
+
+
+@pytest.mark.engine
+def test_press_spec_cell_stores_the_whole_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               tokenizer_cache: Path) -> None:
+    """A matrix method spec ({method: adakv, inner: {method: knorm}}) runs on the real engine and every
+    response row stores the engine's kv_press_applied with the whole tree and the masked flag."""
+    why = _kvpress_loadable()
+    if why:
+        pytest.skip(why)
+    import json
+
+    from kv_transition.config import load_config, resolve_paths
+    from kv_transition.db import connect, rows
+    from kv_transition.manifest import write_db
+    from kv_transition.matrix import MatrixFile, expand
+    from kv_transition.matrix.run import MatrixRunner, inventory
+    from kv_transition.prepare import record_experiment
+
+    from .conftest import scorable_manifest
+
+    monkeypatch.delenv("KVT_ENGINES_DIR", raising=False)
+    monkeypatch.setenv("KVT_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    shutil.copytree(tokenizer_cache, tmp_path / "data" / "tokenizers", dirs_exist_ok=True)
+    cfg = load_config(REPO / "config" / "default.yaml", [
+        "experiment.group_id=kvspec", "dataset.id=tiny2", f"output.runs_root={tmp_path / 'runs'}",
+        f"output.data_root={tmp_path / 'data'}", "engine.port=18490", "telemetry.enabled=false"], env={})
+    paths = resolve_paths(cfg, cwd=tmp_path)
+    conn = connect(paths.db)
+    record_experiment(conn, cfg)
+    write_db(conn, scorable_manifest(paths.dataset_id, 2), paths.manifest, cfg.experiment.group_id)
+    conn.close()
+    mx = MatrixFile.model_validate({"name": "spec", "engines": {"kvpress": {
+        "runtime": "process", "device": "cpu", "dtype": "float32", "compression_ratios": [0.5],
+        "methods": ["full", {"method": "adakv", "inner": {"method": "knorm"}}]}}})
+    exp = expand(cfg, mx)
+    s = MatrixRunner(cfg, exp, inventory(slots=1), cwd=tmp_path).run()
+    assert s.ok, [(o.cell.label, o.reason) for o in s.outcomes]
+    conn = connect(paths.db)
+    got = rows(conn, "SELECT r.cell_id, p.kv_applied_json FROM responses p JOIN requests r USING (request_id)")
+    conn.close()
+    ada = [json.loads(g["kv_applied_json"]) for g in got if ".adakv." in g["cell_id"]]
+    assert len(ada) == 2
+    for a in ada:
+        assert a["press"] == {"method": "adakv", "alpha_safeguard": 0.2, "inner": {"method": "knorm"}}
+        assert a["masked"] is True and a["kv_bytes_after"] == a["kv_bytes_before"]
