@@ -155,6 +155,11 @@ def artifacts(tmp_path_factory):
     QFilters(30, 3, 64).save_pretrained(root / "qfilt")
     KVzapModel(KVzapConfig(input_dim=576, output_dim=3, n_modules=30, hidden_dim=32)).save_pretrained(root / "kvzap")
     QFilters(4, 3, 64).save_pretrained(root / "qfilt_wrong_shape")
+    duo = root / "duo"  # the duo-attention repo's attn_patterns/<model>/ layout
+    duo.mkdir()
+    (duo / "config.json").write_text('{"sink_size": 4, "recent_size": 64}')
+    (duo / "full_attention_heads.tsv").write_text(
+        "\n".join("\t".join(f"{((7 * layer + 3 * h) % 11) / 10:.2f}" for h in range(3)) for layer in range(30)))
     (root / "empty").mkdir()
     return root
 
@@ -164,6 +169,10 @@ def test_artifact_presses_run_from_local_paths(server: Server, artifacts):
     freed(run(server, {"method": "kvzap", "compression_ratio": R, "kvzap_path": str(artifacts / "kvzap")}))
     masked(run(server, {"method": "adakv", "compression_ratio": R,
                         "inner": {"method": "kvzap", "kvzap_path": str(artifacts / "kvzap")}}))
+    # DuoAttention: round(90 heads * 0.5) = 45 streaming heads each keep sink 4 + recent 64 of the 1,000 tokens
+    a = run(server, {"method": "duo_attention", "compression_ratio": R, "duo_attention_path": str(artifacts / "duo")})
+    assert a["masked"] and a["kv_tokens_held"] == N and a["kv_bytes_after"] == a["kv_bytes_before"]
+    assert a["kv_tokens_after"] == round(N - 45 * (N - 68) / 90)
 
 
 @pytest.mark.parametrize("kv,param,fragment", [
@@ -174,6 +183,8 @@ def test_artifact_presses_run_from_local_paths(server: Server, artifacts):
     ({"method": "adakv", "inner": {"method": "kvzap", "kvzap_path": "/no/such"}}, "kv_press.inner.kvzap_path",
      "no such directory"),
     ({"method": "kvzap", "kvzap_path": "EMPTY"}, "kvzap_path", "could not load KVzap"),
+    ({"method": "duo_attention"}, "kv_press.duo_attention_path", "needs duo_attention_path"),
+    ({"method": "duo_attention", "duo_attention_path": "EMPTY"}, "duo_attention_path", "could not load a DuoAttention"),
 ])
 def test_artifact_errors_are_400(server: Server, artifacts, kv, param, fragment):
     import json

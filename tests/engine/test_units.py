@@ -103,7 +103,7 @@ def test_request_overrides_default():
 NEEDS = {
     "inner": {"method": "snapkv"}, "presses": [{"method": "snapkv"}, {"method": "knorm"}],
     "prefill": {"method": "knorm"}, "decoding": {"method": "decoding", "inner": {"method": "knorm"}},
-    "qfilter_path": "/nonexistent", "kvzap_path": "/nonexistent", "threshold": 0.1,
+    "qfilter_path": "/nonexistent", "kvzap_path": "/nonexistent", "duo_attention_path": "/nonexistent", "threshold": 0.1,
     "key_channel_compression_ratio": 0.5, "compression_ratios": [0.5] * 30, "question_start": 3,
 }
 

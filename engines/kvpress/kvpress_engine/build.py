@@ -70,7 +70,37 @@ def _kvpress_classes():
                                         f"this model {model.config.num_hidden_layers}", "kvzap_path")
                 self.kvzap_model_name = self.kvzap_path
 
-    return kvpress, {"qfilter": LocalQFilterPress, "kvzap": LocalKVzapPress}
+    from kvpress.presses.duo_attention_press import DuoAttentionPress
+
+    class LocalDuoAttentionPress(DuoAttentionPress):
+        """DuoAttentionPress whose attention pattern comes from a local directory (the duo-attention repo's
+        attn_patterns/<model>/ files) instead of GitHub."""
+
+        def __init__(self, head_compression_ratio: float = 0.0, duo_attention_path: str = ""):
+            super().__init__(head_compression_ratio=head_compression_ratio)
+            self.duo_attention_path = duo_attention_path
+
+        def load_attention_pattern(self, model):  # kvpress: a staticmethod fetching by model name
+            import json
+
+            import numpy as np
+
+            d = self.duo_attention_path
+            try:
+                cfg = json.loads(open(os.path.join(d, "config.json")).read())
+                scores = np.clip(np.loadtxt(os.path.join(d, "full_attention_heads.tsv"), dtype=float,
+                                            delimiter="\t", ndmin=2), 0, 1)
+                sink, recent = int(cfg["sink_size"]), int(cfg["recent_size"])
+            except Exception as e:  # noqa: BLE001
+                raise ArtifactError(f"could not load a DuoAttention pattern from {d!r}: {e}",
+                                    "duo_attention_path") from None
+            want = (model.config.num_hidden_layers, model.config.num_key_value_heads)
+            if scores.shape != want:
+                raise ArtifactError(f"DuoAttention pattern in {d!r} has shape {scores.shape}, this model needs {want}",
+                                    "duo_attention_path")
+            return sink, recent, scores
+
+    return kvpress, {"qfilter": LocalQFilterPress, "kvzap": LocalKVzapPress, "duo_attention": LocalDuoAttentionPress}
 
 
 def build_node(node: Node, ratio: float, where: str = "kv_press") -> Any:
@@ -99,8 +129,8 @@ def build_node(node: Node, ratio: float, where: str = "kv_press") -> Any:
         press = cls(compression_ratio=ratio, **params)
         press.delimiter_token_id = NEVER_TOKEN  # the window is set from question_start, no delimiter token
         return press
-    if k.ratio == "compression_ratio":
-        return cls(compression_ratio=ratio, **params)
+    if k.ratio is not None:  # compression_ratio, or the press's own name for it (head_compression_ratio)
+        return cls(**{k.ratio: ratio}, **params)
     return cls(**params)
 
 

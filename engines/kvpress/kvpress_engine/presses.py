@@ -150,6 +150,14 @@ KINDS_LIST: list[Kind] = [
          leaderboard="kvzap_mlp_head",
          artifact_help="a KVzap checkpoint directory for this model (the Hub repo nvidia/KVzap-<type>-<model>)",
          description="KVzap: a trained per-layer scorer of the hidden states"),
+    Kind("duo_attention", "DuoAttentionPress", {"duo_attention_path": _p("path", required=True)},
+         ratio="head_compression_ratio", budget=False, scorer=False, attn="no_eager", memory="masks",
+         artifact="duo_attention_path", leaderboard="duo_attention",
+         artifact_help="a DuoAttention pattern directory for this model (config.json with sink_size/recent_size + "
+                       "full_attention_heads.tsv, one row per layer, one column per KV head: the files under "
+                       "attn_patterns/<model>/ of github.com/mit-han-lab/duo-attention)",
+         description="DuoAttention: the lowest-scoring heads (compression_ratio of them: kvpress's "
+                     "head_compression_ratio) keep only sink + recent tokens; masks keys"),
     # ---------------------------------------------------------------- other prefill presses
     Kind("think", "ThinKPress", {"key_channel_compression_ratio": _p("float", required=True, min=0, max=1,
                                                                       min_exclusive=False),
@@ -279,8 +287,8 @@ RECIPES_LIST: list[Kind] = [
 
 # leaderboard entries not served here, and why (for the README and `kvt methods`)
 NOT_SERVED = {
-    "duo_attention / duo_attention_on_the_fly": "DuoAttention patterns are fetched from GitHub by model name, or "
-    "scored on the fly from the kmfoda/booksum dataset; not reachable offline",
+    "duo_attention_on_the_fly": "scores heads on the fly from the kmfoda/booksum Hub dataset (duo_attention with "
+    "a local pattern directory is served)",
     "fastkvzip": "gate weights from the Hub (Jang-Hyun/Fast-KVzip)",
     "kvzap_linear / kvzap_mlp (DMS(KVzap))": "servable as {method: dms, threshold: T, inner: {method: kvzap, "
     "kvzap_path: DIR}}; the leaderboard's threshold is chosen per run",
