@@ -222,6 +222,7 @@ def resolve_cell_spec(cfg: Config, *, engine: Optional[str] = None, method: Opti
         gpus=cfg.engine.gpus, device=cfg.engine.device, dtype=cfg.engine.dtype, max_context=cfg.model.max_context,
         extra_args=cfg.engine.extra_args, env=cfg.engine.env, host_env=dict(os.environ),
         params={"model_file": model_file(cfg), **(cfg.kv.params or {})},
+        request_params=cfg.kv.params or None,
         tensor_parallel=tensor_parallel or 1, digest=digest, runtime=rt, tag=cfg.engine.tag,
     )
     if cfg.engine.readiness_timeout_s:

@@ -30,7 +30,7 @@ def _cfg(tmp_path: Path, **kv) -> Config:
 def test_nested_press_reaches_the_request_and_the_id(tmp_path: Path) -> None:
     eng = load_engine("kvpress")
     inner = {"inner": {"method": "snapkv", "window_size": 16}}
-    spec = resolve(eng, "adakv", model_path="m", served_model="m", compression_ratio=0.5, params=inner)
+    spec = resolve(eng, "adakv", model_path="m", served_model="m", compression_ratio=0.5, request_params=inner)
     assert spec.request_extras["kv_press"] == {"method": "adakv", "alpha_safeguard": 0.2, "compression_ratio": 0.5,
                                                "inner": {"method": "snapkv", "window_size": 16}}
     cfg_a = _cfg(tmp_path, method="adakv", compression_ratio=0.5, params=inner)

@@ -26,7 +26,7 @@ def test_every_method_resolves_and_names_the_served_model(name: str):
                   "decoding": {"method": "decoding", "inner": {"method": "knorm"}}}
         params = {k: nested[k] for k in str(m.properties.get("takes") or "").split("+") if k}
         spec = resolve(eng, method, model_path="/models/x", served_model="my-model", port=8123,
-                       gpus=[0, 1], host_env={"HF_TOKEN": "hf_secret"}, params=params or None, **knob)
+                       gpus=[0, 1], host_env={"HF_TOKEN": "hf_secret"}, request_params=params or None, **knob)
         argv = spec.command + spec.args
         assert "my-model" in argv and argv[argv.index("my-model") - 1] == "--served-model-name"
         assert "8123" in argv and "/models/x" in argv

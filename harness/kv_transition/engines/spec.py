@@ -320,6 +320,7 @@ def resolve(
     host_env: Optional[dict[str, str]] = None,
     digest: Optional[str] = None,
     params: Optional[dict[str, Any]] = None,
+    request_params: Optional[dict[str, Any]] = None,
     runtime: Optional[str] = None,
     tag: Optional[str] = None,
 ) -> ResolvedSpec:
@@ -368,7 +369,7 @@ def resolve(
         if carrier is not None:
             # kv.params (a matrix method entry's fields) go into the request's method object: parameters and,
             # for wrappers, their nested presses ({inner: {method: snapkv}}) — so they are in the cell id too
-            _merge_into(extras[carrier], copy.deepcopy(params or {}))
+            _merge_into(extras[carrier], copy.deepcopy(request_params or {}))
             for slot in str(m.properties.get("takes") or "").split("+"):
                 if slot and slot not in extras[carrier]:
                     raise ConfigError(
