@@ -188,3 +188,27 @@ def clear_masks(model) -> None:
 def _attn_modules(model) -> list[Any]:
     base = model.model.language_model if hasattr(model.model, "language_model") else model.model
     return [layer.self_attn for layer in base.layers]
+
+
+def bind_tokenizer(model, tokenizer) -> None:
+    """Presses that load the tokenizer by the model's name at request time (KVzip: ``AutoTokenizer.
+    from_pretrained(model.config.name_or_path)``) get the engine's loaded tokenizer instead: no disk read per
+    request, and the same tokenizer the engine serves (a GGUF-loaded model has no Hub name)."""
+    from kvpress.presses import kvzip_press
+
+    real = kvzip_press.AutoTokenizer
+    if getattr(real, "_kvt_bound", False):
+        real = real._kvt_real
+    name = model.config.name_or_path
+
+    class _Bound:
+        _kvt_bound = True
+        _kvt_real = real
+
+        @staticmethod
+        def from_pretrained(path, *args, **kwargs):
+            if path == name:
+                return tokenizer
+            return real.from_pretrained(path, *args, **kwargs)
+
+    kvzip_press.AutoTokenizer = _Bound

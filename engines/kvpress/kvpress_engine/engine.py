@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from transformers import DynamicCache
 
-from .build import BuiltPress, build_press, clear_masks, masked_per_layer
+from .build import BuiltPress, bind_tokenizer, build_press, clear_masks, masked_per_layer
 from .methods import SPLIT_SCOPES, PressSpec, plan_compression
 
 log = logging.getLogger("kvpress_engine")
@@ -71,6 +71,7 @@ class Engine:
         cfg = model.config
         self.n_layers = cfg.num_hidden_layers
         self.n_kv_heads = cfg.num_key_value_heads
+        bind_tokenizer(model, tokenizer)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         elem = torch.tensor([], dtype=model.dtype).element_size()
         # bytes of K+V for one token in all layers
