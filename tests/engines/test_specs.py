@@ -4,6 +4,7 @@ reaches the server (a mismatch makes every request a 404), and the dry run is an
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +117,64 @@ def test_vllm_busts_its_prefix_cache_with_a_salt_and_reports_cached_tokens():
     assert spec.cache_bust_request == {"cache_salt": "{nonce}"} and "--enable-prompt-tokens-details" in spec.args
     spec = resolve(load_engine("sglang"), "full", model_path="m", served_model="m")
     assert spec.cache_bust_request == {} and "--enable-cache-report" in spec.args
+
+
+# --- aliases, hardware requirements (engine.yaml data) ------------------------------------------------
+
+def test_vllm_fp8_is_an_alias_recorded_as_fp8_e4m3():
+    eng = load_engine("vllm")
+    assert "fp8" not in eng.methods and "fp8" in eng.methods["fp8_e4m3"].aliases
+    a = resolve(eng, "fp8", model_path="m", served_model="m")
+    b = resolve(eng, "fp8_e4m3", model_path="m", served_model="m")
+    assert a.method == b.method == "fp8_e4m3" and a.args == b.args
+
+
+def _engine_dir(tmp_path, methods: str) -> Path:
+    d = tmp_path / "engines" / "e"
+    d.mkdir(parents=True)
+    (d / "engine.yaml").write_text(f"name: e\nimage: i\ntag: t\nmethods:\n{methods}")
+    return tmp_path / "engines"
+
+
+def test_alias_that_names_a_method_and_bad_capability_are_one_line_errors(tmp_path):
+    root = _engine_dir(tmp_path, "  full: {baseline: true}\n  a: {aliases: [full]}\n")
+    with pytest.raises(ConfigError, match=r"engine.yaml: .*'full' is already a method"):
+        load_engine("e", root)
+    root = _engine_dir(tmp_path / "2", "  full: {baseline: true, requires: {min_compute_capability: sm100}}\n")
+    with pytest.raises(ConfigError, match=r"methods\.full\.requires\.min_compute_capability: .*'sm100' is not major"):
+        load_engine("e", root)
+
+
+def test_every_method_states_its_hardware_and_blackwell_only_ones_are_data():
+    for name in ("vllm", "sglang"):
+        for method, m in load_engine(name).methods.items():
+            assert m.description, f"{name}/{method} has no description (the hardware it needs)"
+    v, s = load_engine("vllm").methods, load_engine("sglang").methods
+    h200, b200, rtx5090 = (9, 0), (10, 0), (12, 0)
+    assert "10.0..10.9" in v["nvfp4_4over6"].requires.refusal(h200)
+    assert v["nvfp4_4over6"].requires.refusal(b200) is None and v["nvfp4_4over6"].requires.refusal(rtx5090)
+    for m in ("mxfp8", "nvfp4"):
+        assert "needs compute capability >= 10.0, the GPU has 9.0" == s[m].requires.refusal(h200)
+        assert s[m].requires.refusal(b200) is None
+    assert s["fp4_mx_block16"].requires.refusal(h200) is None           # the H200-usable FP4
+    assert s["fp4_mx_block16"].args[-2:] == ["--attention-backend", "triton"]
+    assert all(m.requires.refusal(h200) is None for k, m in v.items() if k != "nvfp4_4over6")
+
+
+def test_catalogs_have_the_pinned_versions_kv_options():
+    v = {k: m.args for k, m in load_engine("vllm").methods.items()}
+    for dt in ("turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc"):
+        assert v[dt] == ["--kv-cache-dtype", dt]
+    assert "--kv-cache-dtype-skip-layers" in v["fp8_e4m3_skip_edges"]
+    assert v["offload_lmcache"][-2:] == ["--kv-offloading-backend", "lmcache"]
+    s = {k: m.args for k, m in load_engine("sglang").methods.items()}
+    flat = [a for args in s.values() for a in args]
+    for flag in ("--hicache-ratio", "--hicache-size", "--hicache-write-policy", "--radix-eviction-policy"):
+        assert flag in flat
+
+
+def test_dead_metric_dropped_and_sglang_health_does_not_generate():
+    assert load_engine("vllm").metrics.kv_usage == ["vllm:kv_cache_usage_perc"]
+    sg = load_engine("sglang")
+    # /health runs a one-token generation per probe in SGLang 0.5.23; /ready does not
+    assert sg.health.path == "/ready" or sg.env.get("SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION") == "false"

@@ -242,6 +242,13 @@ class MatrixCfg(Strict):
 
     file: Optional[str] = None
     gpus: Optional[list[int]] = None
+    # compute capability the plan checks methods against when NVML sees no GPU (e.g. "9.0" for an H200)
+    gpu_arch: Optional[str] = None
+
+    @field_validator("gpu_arch", mode="before")
+    @classmethod
+    def _arch(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v  # YAML 9.0 → "9.0"
 
 
 class AnalysisCfg(Strict):

@@ -8,13 +8,14 @@ loaded model serves many methods/budgets).
 from __future__ import annotations
 
 import copy
+import re
 import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kv_transition.config.secrets import SECRET_ENV, mask_env  # noqa: F401 - SECRET_ENV re-exported
 from kv_transition.errors import ConfigError
@@ -64,8 +65,55 @@ class MethodRuntimeDef(_Strict):
     unsupported: Optional[str] = None             # the reason this method cannot run under this runtime
 
 
+_CC = re.compile(r"^\d+\.\d+$")
+
+
+class RequiresDef(_Strict):
+    """The hardware a method needs, as data: the plan refuses a method the GPU cannot run."""
+
+    min_compute_capability: Optional[str] = None  # "major.minor", e.g. "10.0" = SM100 (Blackwell)
+    max_compute_capability: Optional[str] = None  # inclusive, e.g. "10.9": the SM100 family only
+
+    @field_validator("min_compute_capability", "max_compute_capability")
+    @classmethod
+    def _cc(cls, cc: Optional[str]) -> Optional[str]:
+        if cc is not None and not _CC.match(cc):
+            raise ValueError(f"{cc!r} is not major.minor (e.g. \"9.0\", \"10.0\")")
+        return cc
+
+    def refusal(self, cc: tuple[int, int]) -> Optional[str]:
+        """Why a GPU of compute capability `cc` cannot run the method (None: it can)."""
+        lo = parse_cc(self.min_compute_capability) if self.min_compute_capability else None
+        hi = parse_cc(self.max_compute_capability) if self.max_compute_capability else None
+        if (lo and cc < lo) or (hi and cc > hi):
+            want = (f"{self.min_compute_capability}..{self.max_compute_capability}" if lo and hi
+                    else f">= {self.min_compute_capability}" if lo else f"<= {self.max_compute_capability}")
+            return f"needs compute capability {want}, the GPU has {cc[0]}.{cc[1]}"
+        return None
+
+
+def parse_cc(text: str) -> tuple[int, int]:
+    """ "9.0" / "sm90" / "sm_100" / "10.0" → (major, minor)."""
+    t = str(text).strip().lower().removeprefix("sm").lstrip("_")
+    if _CC.match(t):
+        major, minor = t.split(".")
+        return int(major), int(minor)
+    if t.isdigit() and len(t) >= 2:
+        return int(t[:-1]), int(t[-1])
+    raise ValueError(f"{text!r} is not a compute capability (e.g. 9.0, sm90, 10.0)")
+
+
+class ArgcheckDef(_Strict):
+    """engines/<name>/<script>: parses the engine argv with the engine's own parser (see CONTRACT in docs)."""
+
+    script: str
+    python: str = "python3"
+
+
 class MethodDef(_Strict):
     description: str = ""
+    aliases: list[str] = Field(default_factory=list)         # other names of the SAME method (resolve to this one)
+    requires: RequiresDef = Field(default_factory=RequiresDef)
     args: list[str] = Field(default_factory=list)           # server args (server-mode engines)
     request: dict[str, Any] = Field(default_factory=dict)   # body fields merged into every request
     env: dict[str, str] = Field(default_factory=dict)
@@ -155,7 +203,25 @@ class EngineDef(_Strict):
     prefix_cache: PrefixCacheDef = Field(default_factory=PrefixCacheDef)
     verify: Optional[VerifyDef] = None
     runtimes: dict[RuntimeName, EngineRuntimeDef] = Field(default_factory=dict)
+    argcheck: Optional[ArgcheckDef] = None   # engines/<name>/<script>: the engine's own argv parser
     methods: dict[str, MethodDef]
+
+    @model_validator(mode="after")
+    def _aliases(self) -> "EngineDef":
+        seen: dict[str, str] = {}
+        for name, m in self.methods.items():
+            for a in m.aliases:
+                if a in self.methods or a in seen:
+                    raise ValueError(f"methods.{name}.aliases: {a!r} is already "
+                                     + ("a method" if a in self.methods else f"an alias of {seen[a]!r}"))
+                seen[a] = name
+        return self
+
+    def canonical_method(self, method: str) -> str:
+        """The catalog name of `method` (an alias resolves to the method it names; unknown stays as is)."""
+        if method in self.methods:
+            return method
+        return next((n for n, m in self.methods.items() if method in m.aliases), method)
 
     def for_runtime(self, runtime: Optional[str]) -> "EngineDef":
         """This engine with the `runtimes.<runtime>` replacements applied (itself when none)."""
@@ -327,6 +393,7 @@ def resolve(
     """`runtime` applies that runtime's variant from `runtimes:` (command, args, image, env, health, …)
     and the method's `runtimes:` entry; `tag` overrides the engine's tag (e.g. the version of a
     pip-installed engine)."""
+    method = eng.canonical_method(method)  # an alias is the same method, recorded under one name
     if method not in eng.methods:
         hint = " (declare variants in an engine.yaml: docs/engines.md)" if eng.name == "openai" else ""
         raise ConfigError(f"kv.method: engine {eng.name!r} has no method {method!r} "

@@ -62,6 +62,15 @@ def _inventory(args: argparse.Namespace) -> Any:
     return inventory(gpus=args.gpus, slots=args.slots)
 
 
+def _hardware(args: argparse.Namespace, cfg: Any, exp: Any, inv: Any) -> Any:
+    """Refuse (exit 2, one line) a method the GPUs cannot run; → the GpuArch checked (None = unknown)."""
+    from kv_transition.matrix.hardware import gpu_arch, refuse_unrunnable
+
+    arch = gpu_arch(getattr(args, "gpu_arch", None), cfg, inv)
+    refuse_unrunnable(exp, arch)
+    return arch
+
+
 def plan_dict(cfg: Any, exp: Any, inv: Any, lock_path: Optional[Path], n_requests: Optional[dict[str, int]] = None
               ) -> dict[str, Any]:
     """Every group with its planned GPUs/port and exact container spec, every cell. Starts nothing."""
@@ -99,7 +108,9 @@ def plan_dict(cfg: Any, exp: Any, inv: Any, lock_path: Optional[Path], n_request
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg, matrix, exp, lp, _ = _setup(args)
     inv = _inventory(args)
+    arch = _hardware(args, cfg, exp, inv)
     plan = plan_dict(cfg, exp, inv, lp)
+    plan["gpu_arch"] = {"compute_capability": arch.label, "source": arch.source} if arch else None
     if args.json:
         print(json.dumps(plan, indent=2))
         return 0
@@ -111,6 +122,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     console.print(f"matrix [bold]{plan['matrix']}[/] on {kind}s {','.join(map(str, inv.devices))}: "
                   f"{plan['n_cells']} cells ({plan['n_excluded']} excluded) in {plan['n_groups']} engine groups"
                   f" · lock: {plan['lock'] or 'none (tags unpinned; `kvt lock`)'} · nothing started")
+    from kv_transition.matrix.hardware import describe
+
+    console.print(f"hardware: {describe(arch)}", highlight=False, markup=False)
     t = Table(show_lines=False)
     for col in (kind + "s", "port", "group", "runtime", "tp", "cell", "method", "knob", "cell id"):
         t.add_column(col)
@@ -149,6 +163,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kv_transition.ui import console
 
     inv = _inventory(args)
+    _hardware(args, cfg, exp, inv)
     live = console.is_terminal and not args.no_live
     err = (lambda s: None) if live else (lambda s: print(s, file=sys.stderr, flush=True))
     runner = MatrixRunner(cfg, exp, inv, lock=lock, live=live, console=console, log=err,
@@ -200,6 +215,8 @@ def add_parsers(sub: Any, config_args: Callable[[argparse.ArgumentParser], None]
         if sched:
             sp.add_argument("--gpus", help="GPU indices to use, e.g. 0,1,2,3 (default: every GPU NVML sees)")
             sp.add_argument("--slots", type=int, help="no GPUs: N simulated slots (CPU engines in parallel)")
+            sp.add_argument("--gpu-arch", help="compute capability to check methods' hardware against, e.g. 9.0 "
+                                               "(H100/H200) or 10.0 (B200); default: matrix.gpu_arch, else NVML")
         sp.add_argument("--json", action="store_true", help="JSON output")
 
     sp = msub.add_parser("plan", help="dry run: every cell with its GPUs, engine group and exact container spec")

@@ -170,6 +170,7 @@ def expand(cfg: Config, matrix: MatrixFile, lock: Optional[dict[str, Any]] = Non
             eng = load_engine(engine)
             for method, me in ee.method_entries():
                 where = f"{matrix.source}: engines.{engine}.methods.{method}"
+                method = eng.canonical_method(method)  # an alias (vllm fp8 = fp8_e4m3) is recorded once
                 if method not in eng.methods:
                     near = difflib.get_close_matches(method, list(eng.methods), n=1, cutoff=0.5)
                     hint = f"did you mean '{near[0]}'? " if near else ""

@@ -53,6 +53,20 @@ def _s(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
 
 
+def compute_capabilities(indices: Iterable[int]) -> dict[int, tuple[str, tuple[int, int]]]:
+    """GPU index → (name, (major, minor)) from NVML; raises NvmlUnavailable when NVML is not there."""
+    nv = nvml_acquire()
+    try:
+        out = {}
+        for i in indices:
+            h = nv.nvmlDeviceGetHandleByIndex(int(i))
+            major, minor = nv.nvmlDeviceGetCudaComputeCapability(h)
+            out[int(i)] = (_s(nv.nvmlDeviceGetName(h)), (int(major), int(minor)))
+        return out
+    finally:
+        nvml_release()
+
+
 @dataclass
 class Gpu:
     uuid: str
