@@ -17,7 +17,7 @@ LLAMACPP_STAMP := $(VENV)/.llamacpp-$(LLAMACPP_VERSION)
 LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test prepare validate cleanup clean run-matrix test-docker test-faults llamacpp llamacpp-wheel
+.PHONY: help install demo test prepare validate cleanup clean run-matrix test-docker test-faults llamacpp llamacpp-wheel argcheck-venvs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -68,6 +68,9 @@ test-faults: $(STAMP) ## the fault-injection suite only (kill -9, SIGINT, DB loc
 
 test-docker: $(STAMP) ## the Docker tests only, with the daemon mandatory
 	KVT_REQUIRE_DOCKER=1 $(PY) -m pytest -m docker $(PYTEST_ARGS)
+
+argcheck-venvs: ## build (or reuse) the vLLM/SGLang parser side venvs under ~/.cache/kvt/argcheck
+	$(PYTHON) tests/engines/sidevenv.py vllm sglang
 
 validate: $(STAMP) ## validate CONFIG
 	$(KVT) validate -c $(CONFIG)

@@ -63,4 +63,6 @@ def small_synthetic(project: Path) -> Path:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     need = os.environ.get("KVT_REQUIRE_DOCKER") == "1"
-    return [f"kv-transition tests: docker {'REQUIRED' if need else 'optional (skipped when no daemon)'}"]
+    argcheck = os.environ.get("KVT_REQUIRE_ARGCHECK") == "1"
+    return [f"kv-transition tests: docker {'REQUIRED' if need else 'optional (skipped when no daemon)'}, "
+            f"engine argcheck {'REQUIRED' if argcheck else 'optional (skipped when its side venv cannot be built)'}"]
