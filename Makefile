@@ -70,7 +70,7 @@ test-docker: $(STAMP) ## the Docker tests only, with the daemon mandatory
 	KVT_REQUIRE_DOCKER=1 $(PY) -m pytest -m docker $(PYTEST_ARGS)
 
 argcheck-venvs: ## build (or reuse) the vLLM/SGLang parser side venvs under ~/.cache/kvt/argcheck
-	$(PYTHON) tests/engines/sidevenv.py vllm sglang
+	$(PYTHON) tests/engines/sidevenv.py
 
 validate: $(STAMP) ## validate CONFIG
 	$(KVT) validate -c $(CONFIG)

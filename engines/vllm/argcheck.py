@@ -82,7 +82,10 @@ def check(argv: list[str], env: dict) -> dict:
     from vllm.config import CacheConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.cli.serve import ServeSubcommand
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    try:
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    except ImportError:  # vLLM < 0.11 kept it in vllm.utils
+        from vllm.utils import FlexibleArgumentParser
 
     parser = FlexibleArgumentParser(prog="vllm", description="vLLM CLI")  # what `vllm` builds (cli/main.py)
     subparsers = parser.add_subparsers(required=False, dest="subparser")
@@ -95,15 +98,21 @@ def check(argv: list[str], env: dict) -> dict:
         cmd.validate(args)
         ea = AsyncEngineArgs.from_cli_args(args)
         # the CacheConfig EngineArgs.create_engine_config builds, less what needs the model's config.json
-        cache = CacheConfig(
-            block_size=ea.block_size, gpu_memory_utilization=ea.gpu_memory_utilization,
-            kv_cache_memory_bytes=ea.kv_cache_memory_bytes, cache_dtype=ea.kv_cache_dtype,
-            num_gpu_blocks_override=ea.num_gpu_blocks_override,
-            enable_prefix_caching=ea.enable_prefix_caching if ea.enable_prefix_caching is not None else True,
-            prefix_caching_hash_algo=ea.prefix_caching_hash_algo,
-            kv_cache_dtype_skip_layers=ea.kv_cache_dtype_skip_layers,
-            kv_offloading_size=ea.kv_offloading_size, kv_offloading_backend=ea.kv_offloading_backend,
-        )
+        # (only the fields this vLLM version has: the script runs against the version in the image)
+        fields = set(getattr(CacheConfig, "__dataclass_fields__", {})) or set(getattr(CacheConfig, "model_fields", {}))
+        wanted = {"block_size": "block_size", "gpu_memory_utilization": "gpu_memory_utilization",
+                  "kv_cache_memory_bytes": "kv_cache_memory_bytes", "cache_dtype": "kv_cache_dtype",
+                  "num_gpu_blocks_override": "num_gpu_blocks_override",
+                  "enable_prefix_caching": "enable_prefix_caching",
+                  "prefix_caching_hash_algo": "prefix_caching_hash_algo",
+                  "kv_cache_dtype_skip_layers": "kv_cache_dtype_skip_layers",
+                  "kv_offloading_size": "kv_offloading_size", "kv_offloading_backend": "kv_offloading_backend"}
+        kw = {f: getattr(ea, a) for f, a in wanted.items() if f in fields and hasattr(ea, a)}
+        if kw.get("enable_prefix_caching", False) is None:  # decided later from the model; not a parse input
+            kw["enable_prefix_caching"] = True
+        if kw.get("block_size", 0) is None and "block_size" in fields:
+            kw.pop("block_size")
+        cache = CacheConfig(**kw)
     except Rejected:
         raise
     except SystemExit as e:  # an action that exits (e.g. --help) is not a launch command
@@ -112,9 +121,10 @@ def check(argv: list[str], env: dict) -> dict:
         raise Rejected(f"{type(e).__name__}: {e}") from None
     return {"engine": "vllm", "version": vllm.__version__, **env, "model": ea.model,
             "kv_cache_dtype": cache.cache_dtype, "enable_prefix_caching": ea.enable_prefix_caching,
-            "kv_cache_dtype_skip_layers": list(cache.kv_cache_dtype_skip_layers),
-            "kv_offloading_size": cache.kv_offloading_size,
-            "kv_offloading_backend": cache.kv_offloading_backend if cache.kv_offloading_size else None,
+            "kv_cache_dtype_skip_layers": list(getattr(cache, "kv_cache_dtype_skip_layers", None) or []),
+            "kv_offloading_size": getattr(cache, "kv_offloading_size", None),
+            "kv_offloading_backend": (getattr(cache, "kv_offloading_backend", None)
+                                      if getattr(cache, "kv_offloading_size", None) else None),
             "attention_backend": _name(getattr(ea, "attention_backend", None)) or os.environ.get("VLLM_ATTENTION_BACKEND")}
 
 

@@ -5,9 +5,12 @@ builds one once per pin and reuses it afterwards:
 
     ~/.cache/kvt/argcheck/<engine>-<version>-<sha of requirements + torch pin>/     ($KVT_ARGCHECK_CACHE overrides)
 
+A version other than the engine.yaml tag's (a matrix cell with `tag: "0.26.0"`) has its own closure in
+engines/<name>/argcheck-requirements-<version>.txt.
+
 Standard library only, so .ci/run can provision before the harness venv exists:
 
-    python3 tests/engines/sidevenv.py vllm sglang      # build (or reuse) and print each venv's python
+    python3 tests/engines/sidevenv.py [vllm sglang==0.5.23 ...]   # build (or reuse) each; default: every requirements file
 """
 
 from __future__ import annotations
@@ -41,14 +44,23 @@ def pinned_version(engine: str) -> str:
     m = re.search(r"^tag:\s*['\"]?([^\s'\"#]+)", text, re.M)
     if not m:
         raise SideVenvError(f"engines/{engine}/engine.yaml: no tag")
-    v = TAG_VERSION.match(m.group(1))
+    try:
+        return version_of_tag(m.group(1))
+    except SideVenvError as e:
+        raise SideVenvError(f"engines/{engine}/engine.yaml: {e}") from None
+
+
+def version_of_tag(tag: str) -> str:
+    v = TAG_VERSION.match(tag)
     if not v:
-        raise SideVenvError(f"engines/{engine}/engine.yaml: tag {m.group(1)!r} names no package version")
+        raise SideVenvError(f"tag {tag!r} names no package version")
     return v.group(1)
 
 
-def requirements_file(engine: str) -> Path:
-    return engine_dir(engine) / "argcheck-requirements.txt"
+def requirements_file(engine: str, version: str | None = None) -> Path:
+    if version is None or version == pinned_version(engine):
+        return engine_dir(engine) / "argcheck-requirements.txt"
+    return engine_dir(engine) / f"argcheck-requirements-{version}.txt"
 
 
 def cache_root() -> Path:
@@ -56,12 +68,13 @@ def cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "kvt" / "argcheck"
 
 
-def venv_dir(engine: str) -> Path:
-    req = requirements_file(engine)
+def venv_dir(engine: str, version: str | None = None) -> Path:
+    version = version or pinned_version(engine)
+    req = requirements_file(engine, version)
     if not req.is_file():
         raise SideVenvError(f"{req.relative_to(REPO)} is missing")
     key = hashlib.sha256(req.read_bytes() + TORCH.encode()).hexdigest()[:12]
-    return cache_root() / f"{engine}-{pinned_version(engine)}-{key}"
+    return cache_root() / f"{engine}-{version}-{key}"
 
 
 def python_of(d: Path) -> Path:
@@ -77,9 +90,11 @@ def _pip(py: Path, *args: str, log) -> None:
     log(f"  pip install {' '.join(args)}")
 
 
-def ensure(engine: str, log=lambda s: print(s, file=sys.stderr, flush=True)) -> Path:
-    """The side venv's python for `engine`, built now if the cache has none for these pins."""
-    d = venv_dir(engine)
+def ensure(engine: str, version: str | None = None, log=lambda s: print(s, file=sys.stderr, flush=True)) -> Path:
+    """The side venv's python for `engine`==`version` (default: its engine.yaml tag), built now if the cache
+    has none for these pins."""
+    version = version or pinned_version(engine)
+    d = venv_dir(engine, version)
     done = d / ".complete"
     if done.is_file():
         return python_of(d)
@@ -90,14 +105,13 @@ def ensure(engine: str, log=lambda s: print(s, file=sys.stderr, flush=True)) -> 
             return python_of(d)
         tmp = d.parent / f".{d.name}.building-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        version = pinned_version(engine)
         log(f"argcheck side venv for {engine}=={version}: building {d}")
         try:
             venv.EnvBuilder(with_pip=True, clear=True).create(tmp)
             py = python_of(tmp)
             _pip(py, TORCH, log=log)
             _pip(py, "--no-deps", f"{engine}=={version}", log=log)
-            _pip(py, "--no-deps", "-r", str(requirements_file(engine)), log=log)
+            _pip(py, "--no-deps", "-r", str(requirements_file(engine, version)), log=log)
             shutil.rmtree(d, ignore_errors=True)
             tmp.rename(d)                     # a venv's python finds its site-packages next to itself
             (d / ".complete").write_text(f"{engine}=={version}\n{TORCH}\n")
@@ -108,9 +122,15 @@ def ensure(engine: str, log=lambda s: print(s, file=sys.stderr, flush=True)) -> 
 
 
 def main(argv: list[str]) -> int:
-    for engine in argv or ["vllm", "sglang"]:
+    """ARGV: engine or engine==version (default: every engine with a requirements file, every version)."""
+    todo = [tuple(a.split("==", 1)) if "==" in a else (a, None) for a in argv]
+    if not todo:
+        for req in sorted((REPO / "engines").glob("*/argcheck-requirements*.txt")):
+            rest = req.stem.removeprefix("argcheck-requirements")
+            todo.append((req.parent.name, rest[1:] if rest else None))
+    for engine, version in todo:
         try:
-            print(f"{engine}: {ensure(engine)}")
+            print(f"{engine}{'==' + version if version else ''}: {ensure(engine, version)}")
         except SideVenvError as e:
             print(f"sidevenv: {engine}: {e}", file=sys.stderr)
             return 1

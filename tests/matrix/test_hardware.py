@@ -19,7 +19,9 @@ from kv_transition.matrix.run import Inventory
 
 def _matrix(tmp_path: Path, sglang_methods: list[str]) -> Path:
     p = tmp_path / "hw.yaml"
-    p.write_text(yaml.safe_dump({"name": "hw", "models": [{"id": "meta-llama/Llama-3.1-8B-Instruct", "path": "/m"}],
+    (tmp_path / "Llama-3.1-8B-Instruct").mkdir(exist_ok=True)   # a local model dir (it must exist)
+    p.write_text(yaml.safe_dump({"name": "hw", "models": [{"id": "meta-llama/Llama-3.1-8B-Instruct",
+                                                           "path": str(tmp_path / "Llama-3.1-8B-Instruct")}],
                                  "engines": {"sglang": {"runtime": "docker", "methods": sglang_methods},
                                              "vllm": {"runtime": "docker", "methods": ["full", "fp8"]}}}))
     return p
