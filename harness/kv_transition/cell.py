@@ -108,6 +108,8 @@ def cell_inputs(cfg: Config, spec: ResolvedSpec, dataset_id: str) -> dict[str, A
         "request_extras": spec.request_extras,
         "decoding": {"temperature": cfg.decoding.temperature, "top_p": cfg.decoding.top_p,
                      "stream": cfg.decoding.stream},
+        # only when pinned: cells from before the knob existed keep their ids
+        **({"attention_backend": spec.attention_backend} if spec.attention_backend is not None else {}),
     }
 
 
@@ -211,25 +213,41 @@ def resolve_cell_spec(cfg: Config, *, engine: Optional[str] = None, method: Opti
         url = normalize_base_url(url)
         u = urlsplit(url)
         host, port = u.hostname or host, u.port or (443 if u.scheme == "https" else 80)
+    from kv_transition.engines.mounts import plan_mounts
+
     eng = load_engine(engine or default_engine(cfg, rt))
     md = eng.methods.get(method)
     if md is not None and md.supports and not md.baseline and compression_ratio is None and budget is None:
         raise ConfigError(f"kv.method: {eng.name}/{method} needs a compression ratio or a budget "
                           f"(set {' or '.join('kv.' + k for k in md.supports)})")
+    model_arg, mounts, mount_env = plan_mounts(eng, rt, model_source(cfg.model) or cfg.model.id,
+                                               hf_cache=cfg.engine.hf_cache, extra=cfg.engine.mounts,
+                                               host_env=dict(os.environ))
     spec = resolve(
         eng, method, compression_ratio=compression_ratio, budget=budget,
-        model_path=model_source(cfg.model) or cfg.model.id, served_model=cfg.model.id, host=host, port=port,
+        model_path=model_arg or cfg.model.id, served_model=cfg.model.id, host=host, port=port,
         gpus=cfg.engine.gpus, device=cfg.engine.device, dtype=cfg.engine.dtype, max_context=cfg.model.max_context,
-        extra_args=cfg.engine.extra_args, env=cfg.engine.env, host_env=dict(os.environ),
-        params={"model_file": model_file(cfg), **(cfg.kv.params or {})},
+        extra_args=cfg.engine.extra_args, env={**mount_env, **cfg.engine.env}, host_env=dict(os.environ),
+        params={"model_file": _in_container(model_file(cfg), mounts), **(cfg.kv.params or {})},
         request_params=cfg.kv.params or None,
-        tensor_parallel=tensor_parallel or 1, digest=digest, runtime=rt, tag=cfg.engine.tag,
+        tensor_parallel=tensor_parallel or 1, digest=digest, runtime=rt, tag=cfg.engine.tag, mounts=mounts,
+        attention_backend=cfg.engine.attention_backend,
     )
     if cfg.engine.readiness_timeout_s:
         spec = dataclasses.replace(spec, readiness_timeout_s=cfg.engine.readiness_timeout_s)
     elif rt == "external":  # someone else's server: it is up or it is not; no 15-minute model-load wait
         spec = dataclasses.replace(spec, readiness_timeout_s=EXTERNAL_READINESS_TIMEOUT_S)
     return spec, rt, (url if rt == "external" and url else None)
+
+
+def _in_container(path: str, mounts: list[Any]) -> str:
+    """A host path as the engine container sees it (through the model mount), else unchanged."""
+    from pathlib import Path
+
+    for m in mounts:
+        if m.kind == "model" and Path(path).expanduser().resolve() == Path(m.source):
+            return m.target
+    return path
 
 
 def model_file(cfg: Config) -> str:
@@ -342,6 +360,8 @@ def _record_instance(conn: Any, run_id: int, cell_id: str, rt_name: str, spec: R
         "started_at": inst.started_at if inst else None, "ready_at": inst.ready_at if inst else None,
         "stopped_at": inst.stopped_at if inst else utcnow(), "exit_code": inst.exit_code if inst else None,
         "log_path": str(inst.log_path) if inst and inst.log_path else log_path, "error": error,
+        "mounts_json": json.dumps([dataclasses.asdict(m) for m in spec.mounts]),
+        "attention_backend_requested": spec.attention_backend,
     }
     cols = list(row)
     cur = conn.execute(f"INSERT INTO engine_instances({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
@@ -349,11 +369,31 @@ def _record_instance(conn: Any, run_id: int, cell_id: str, rt_name: str, spec: R
     return int(cur.lastrowid)
 
 
-def _update_instance(conn: Any, instance_id: int, inst: Instance, error: Optional[str]) -> None:
+def backend_from_log(spec: ResolvedSpec, log_path: Optional[Any]) -> Optional[str]:
+    """The attention backend the engine's startup log names (engine.yaml attention_backend.log_patterns)."""
+    from pathlib import Path
+
+    from kv_transition.engines.spec import parse_backend
+
+    if not spec.backend_log_patterns or not log_path or not Path(log_path).is_file():
+        return None
+    try:
+        return parse_backend(Path(log_path).read_text(errors="replace"), spec.backend_log_patterns)
+    except OSError:
+        return None
+
+
+def _update_instance(conn: Any, instance_id: int, inst: Instance, error: Optional[str]) -> Optional[str]:
+    backend = backend_from_log(inst.spec, inst.log_path)
     conn.execute("UPDATE engine_instances SET stopped_at=?, exit_code=?, ready_at=?, pids_json=?, gpu_uuids_json=?,"
-                 " image_digest=COALESCE(?, image_digest), error=COALESCE(?, error) WHERE instance_id=?",
+                 " image_digest=COALESCE(?, image_digest), error=COALESCE(?, error),"
+                 " attention_backend=COALESCE(?, attention_backend) WHERE instance_id=?",
                  (inst.stopped_at or utcnow(), inst.exit_code, inst.ready_at, json.dumps(inst.pids),
-                  json.dumps(inst.gpu_uuids), inst.image_digest, error, instance_id))
+                  json.dumps(inst.gpu_uuids), inst.image_digest, error, backend, instance_id))
+    if backend is not None:
+        row = conn.execute("SELECT cell_id FROM engine_instances WHERE instance_id=?", (instance_id,)).fetchone()
+        conn.execute("UPDATE cells SET attention_backend=? WHERE cell_id=?", (backend, row[0]))
+    return backend
 
 
 def _event(conn: Any, run_id: Optional[int], cell_id: str, level: str, kind: str, message: str,
@@ -424,6 +464,9 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
     spec, rt_name, ext_url = resolve_cell_spec(cfg, engine=engine, method=method, compression_ratio=compression_ratio,
                                                budget=budget, runtime=runtime, base_url=base_url,
                                                tensor_parallel=tensor_parallel, digest=digest)
+    from kv_transition.runtime.gpus import require_gpus
+
+    spec = require_gpus(spec, tensor_parallel or 1, runtime=rt_name)  # exit 2 before anything is written
     conn = connect(paths.db, busy_timeout_s=DB_LOCK_WAIT_S)
     try:
         manifest = from_db(conn, paths.dataset_id)
@@ -518,7 +561,8 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
             status, reason = "failed", f"engine start failed: {e}"
             if instance_id is None:
                 instance_id = _record_instance(conn, run_id, cell_id, rt_name, spec, None, str(e), _existing(log_path))
-                conn.execute("UPDATE engine_instances SET exit_code=? WHERE instance_id=?", (e.returncode, instance_id))
+                conn.execute("UPDATE engine_instances SET exit_code=?, attention_backend=? WHERE instance_id=?",
+                             (e.returncode, backend_from_log(spec, log_path), instance_id))
         except (KeyboardInterrupt, SystemExit) as e:  # SIGINT / SIGTERM (runtime.signals raises these)
             interrupted = e
             status, run_status = "incomplete", "interrupted"

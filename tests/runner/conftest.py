@@ -187,7 +187,7 @@ def cell_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     def make(n: int = 6, **sections: Any):
         raw: dict[str, Any] = {
             "experiment": {"group_id": "rt"}, "dataset": {"id": "fakeds"},
-            "model": {"id": "fake-model", "path": "/nonexistent/model"},
+            "model": {"id": "fake-model", "path": "fake-org/fake-model"},
             "engine": {"name": "fake", "runtime": "process", "device": "cpu"},
             "decoding": {"retry_backoff_s": 0.01, "retry_backoff_max_s": 0.05, "max_retries": 2,
                          "request_timeout_s": 10},

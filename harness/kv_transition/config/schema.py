@@ -177,6 +177,19 @@ class ModelCfg(Strict):
     tokenizer: TokenizerCfg = Field(default_factory=TokenizerCfg)
 
 
+class MountCfg(Strict):
+    source: str                 # host path (must exist)
+    target: str                 # absolute path inside the engine container
+    read_only: bool = True
+
+    @field_validator("target")
+    @classmethod
+    def _abs(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"{v!r} must be an absolute container path")
+        return v
+
+
 class EngineCfg(Strict):
     name: str = "kvpress"
     runtime: Literal["docker", "process", "external"] = "process"
@@ -191,6 +204,11 @@ class EngineCfg(Strict):
     readiness_timeout_s: Optional[float] = Field(default=None, gt=0)
     extra_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
+    # docker runtime: extra bind mounts, and the host HF cache shared by every container
+    # (auto = $HF_HOME or ~/.cache/huggingface when the model is a Hub id; a path = always; none = never)
+    mounts: list[MountCfg] = Field(default_factory=list)
+    hf_cache: Optional[str] = "auto"
+    attention_backend: Optional[str] = None  # pinned attention kernel (engine.yaml attention_backend); None = engine's choice
 
 
 class KvCfg(Strict):

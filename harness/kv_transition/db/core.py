@@ -126,9 +126,12 @@ def schema_version(conn: sqlite3.Connection) -> int:
 def migrate(conn: sqlite3.Connection) -> list[int]:
     """Apply the migrations not applied yet, each in its own transaction. Idempotent."""
     applied: list[int] = []
-    current = schema_version(conn)
-    for version, name, script in MIGRATIONS:
-        if version <= current:
+    schema_version(conn)  # creates schema_migrations
+    # every version not applied yet, in version order: numbers are handed out to parallel branches, so a
+    # lower one (5) can land after a higher one (7) — MAX(version) would skip it on DBs made in between
+    done = {int(r[0]) for r in conn.execute("SELECT version FROM schema_migrations")}
+    for version, name, script in sorted(MIGRATIONS, key=lambda m: m[0]):
+        if version in done:
             continue
         with transaction(conn):
             for stmt in _statements(script):

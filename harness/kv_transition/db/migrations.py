@@ -384,3 +384,16 @@ MIGRATIONS.append(
         """,
     )
 )
+
+MIGRATIONS.append(
+    (
+        5,
+        "engine mounts and attention backends: what each engine instance saw and ran with",
+        """
+        ALTER TABLE engine_instances ADD COLUMN mounts_json TEXT;     -- [{"source","target","read_only","kind"}]
+        ALTER TABLE engine_instances ADD COLUMN attention_backend_requested TEXT;  -- pinned (NULL = engine's choice)
+        ALTER TABLE engine_instances ADD COLUMN attention_backend TEXT;  -- parsed from the engine's startup log
+        ALTER TABLE cells ADD COLUMN attention_backend TEXT;          -- the last backend parsed for this cell
+        """,
+    )
+)

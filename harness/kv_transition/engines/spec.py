@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from kv_transition.config.secrets import SECRET_ENV, mask_env  # noqa: F401 - SECRET_ENV re-exported
 from kv_transition.errors import ConfigError
@@ -63,6 +63,32 @@ class MethodRuntimeDef(_Strict):
     args: Optional[list[str]] = None              # replaces the method's args
     request: Optional[dict[str, Any]] = None      # replaces the method's request fields
     unsupported: Optional[str] = None             # the reason this method cannot run under this runtime
+
+class MountsDef(_Strict):
+    """Where the engine's container sees what the harness mounts (docker runtime only)."""
+
+    model_dir: str = "/models"           # a local model.path is mounted read-only at <model_dir>/<basename>
+    hf_cache: Optional[str] = None       # the container's HF cache dir (HF_HOME); None = no shared cache
+
+
+class AttentionBackendDef(_Strict):
+    """How the engine takes a pinned attention backend, and how its startup log names the one it used."""
+
+    args: list[str] = Field(default_factory=list)       # e.g. ["--attention-backend", "{attention_backend}"]
+    env: dict[str, str] = Field(default_factory=dict)   # e.g. {SOME_ENV: "{attention_backend}"}
+    log_patterns: list[str] = Field(default_factory=list)  # regexes with a (?P<backend>…) group; last match wins
+
+    @field_validator("log_patterns")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        for pat in v:
+            try:
+                rx = re.compile(pat)
+            except re.error as e:
+                raise ValueError(f"invalid regex {pat!r}: {e}") from None
+            if "backend" not in rx.groupindex:
+                raise ValueError(f"regex {pat!r} has no (?P<backend>...) group")
+        return v
 
 
 _CC = re.compile(r"^\d+\.\d+$")
@@ -203,8 +229,15 @@ class EngineDef(_Strict):
     prefix_cache: PrefixCacheDef = Field(default_factory=PrefixCacheDef)
     verify: Optional[VerifyDef] = None
     runtimes: dict[RuntimeName, EngineRuntimeDef] = Field(default_factory=dict)
+    mounts: MountsDef = Field(default_factory=MountsDef)
     argcheck: Optional[ArgcheckDef] = None   # engines/<name>/<script>: the engine's own argv parser
+    attention_backend: Optional[AttentionBackendDef] = None
     methods: dict[str, MethodDef]
+    _dir: Optional[Path] = PrivateAttr(default=None)   # engines/<name>/ it was loaded from
+
+    @property
+    def engine_dir(self) -> Path:
+        return self._dir or engines_root() / self.name
 
     @model_validator(mode="after")
     def _aliases(self) -> "EngineDef":
@@ -258,7 +291,9 @@ def load_engine(name: str, root: Optional[Path] = None) -> EngineDef:
         raise ConfigError(f"engine.name: unknown engine {name!r} (known: {', '.join(known) or 'none'}; looked in {root})")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        return EngineDef.model_validate(data)
+        eng = EngineDef.model_validate(data)
+        eng._dir = path.parent
+        return eng
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     except ValidationError as e:
@@ -269,6 +304,19 @@ def load_engine(name: str, root: Optional[Path] = None) -> EngineDef:
 def list_engines(root: Optional[Path] = None) -> list[str]:
     root = root or engines_root()
     return sorted(p.parent.name for p in root.glob("*/engine.yaml"))
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One bind mount into the engine container: host `source` → container `target`."""
+
+    source: str
+    target: str
+    read_only: bool = True
+    kind: str = "extra"          # model | hf_cache | extra
+
+    def volume(self) -> str:
+        return f"{self.source}:{self.target}:{'ro' if self.read_only else 'rw'}"
 
 
 @dataclass(frozen=True)
@@ -311,6 +359,16 @@ class ResolvedSpec:
     runtime: Optional[str] = None                 # the runtime variant applied (None = the engine's defaults)
     version_path: Optional[str] = None            # GET → JSON {version_key: "<version>"}, compared with tag
     version_key: str = "version"
+    device: str = "auto"                             # engine.device: cpu | cuda | auto
+    mounts: list[Mount] = field(default_factory=list)
+    attention_backend: Optional[str] = None          # the pinned backend (None = the engine chooses)
+    backend_log_patterns: list[str] = field(default_factory=list)
+    argcheck: Optional[dict[str, str]] = None        # {"script": <abs path>, "python": ...}
+
+    @property
+    def needs_gpu(self) -> bool:
+        """A GPU engine not told to run on the CPU: it must get explicit GPUs (never none)."""
+        return self.gpu and self.device != "cpu"
 
     @property
     def image_ref(self) -> str:
@@ -347,6 +405,10 @@ class ResolvedSpec:
             parts += ["--shm-size", self.shm_size]
         if self.gpu and self.gpus:
             parts += ["--gpus", f'"device={",".join(map(str, self.gpus))}"']
+        elif self.needs_gpu:
+            parts += ["--gpus", '"device=<none resolved>"']
+        for m in self.mounts:
+            parts += ["-v", m.volume()]
         for k, v in sorted(self.masked_env().items()):
             parts += ["-e", f"{k}={v}"]
         if self.command:
@@ -389,6 +451,8 @@ def resolve(
     request_params: Optional[dict[str, Any]] = None,
     runtime: Optional[str] = None,
     tag: Optional[str] = None,
+    mounts: Optional[list[Mount]] = None,
+    attention_backend: Optional[str] = None,
 ) -> ResolvedSpec:
     """`runtime` applies that runtime's variant from `runtimes:` (command, args, image, env, health, …)
     and the method's `runtimes:` entry; `tag` overrides the engine's tag (e.g. the version of a
@@ -416,9 +480,18 @@ def resolve(
               **m.params, **(params or {})}
     args = _fill(eng.args, values, f"engines/{eng.name}/engine.yaml: args")
     args += _fill(m.args, values, f"engines/{eng.name}/engine.yaml: methods.{method}.args")
+    ab_env: dict[str, str] = {}
+    if attention_backend is not None:
+        if eng.attention_backend is None or not (eng.attention_backend.args or eng.attention_backend.env):
+            raise ConfigError(f"engine.attention_backend: engine {eng.name!r} does not declare how it takes an "
+                              f"attention backend (engines/{eng.name}/engine.yaml: attention_backend)")
+        v = {**values, "attention_backend": attention_backend}
+        args += _fill(eng.attention_backend.args, v, f"engines/{eng.name}/engine.yaml: attention_backend.args")
+        ab_env = {k: str(x).format(**v) for k, x in eng.attention_backend.env.items()}
     args += list(extra_args or [])
     full_env = dict(eng.env)
     full_env.update(m.env)
+    full_env.update(ab_env)
     for k in eng.passthrough_env:
         if host_env and host_env.get(k):
             full_env[k] = host_env[k]
@@ -462,6 +535,11 @@ def resolve(
         baseline=m.baseline, runtime=runtime if variant is not None else None,
         version_path=eng.version.path if eng.version else None,
         version_key=eng.version.key if eng.version else "version",
+        device=device, mounts=list(mounts or []),
+        attention_backend=attention_backend,
+        backend_log_patterns=list(eng.attention_backend.log_patterns) if eng.attention_backend else [],
+        argcheck=({"script": str(eng.engine_dir / eng.argcheck.script),
+                   "python": eng.argcheck.python} if eng.argcheck else None),
     )
 
 
@@ -471,3 +549,13 @@ def _merge_into(dst: dict[str, Any], src: dict[str, Any]) -> None:
             _merge_into(dst[k], v)
         else:
             dst[k] = v
+
+
+def parse_backend(log_text: str, patterns: list[str]) -> Optional[str]:
+    """The attention backend an engine's log names: the last match of any pattern, in log order."""
+    best: tuple[int, Optional[str]] = (-1, None)
+    for pat in patterns:
+        for mt in re.finditer(pat, log_text, re.M):
+            if mt.start() >= best[0]:
+                best = (mt.start(), mt.group("backend"))
+    return best[1]

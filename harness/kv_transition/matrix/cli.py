@@ -78,6 +78,9 @@ def plan_dict(cfg: Any, exp: Any, inv: Any, lock_path: Optional[Path], n_request
     from kv_transition.matrix.run import group_cfg, jobs_for, port_for
     from kv_transition.matrix.schedule import makespan, simulate
 
+    from kv_transition.matrix.run import require_gpu_inventory
+
+    require_gpu_inventory(exp, inv)
     jobs = jobs_for(exp, n_requests)
     placements = {p.key: p for p in simulate(jobs, inv.devices)}
     base = exp.matrix.base_port or cfg.engine.port
@@ -94,6 +97,9 @@ def plan_dict(cfg: Any, exp: Any, inv: Any, lock_path: Optional[Path], n_request
             "shared_engine": g.shared, inv.kind + "s": list(p.gpus), "port": port, "planned_start": p.start,
             "image_ref": spec.image_ref, "image_lock": c0.image_lock, "command": spec.command, "args": spec.args,
             "env": spec.masked_env(), "docker_run": spec.docker_run() if g.runtime == "docker" else None,
+            "mounts": [{"source": m.source, "target": m.target, "read_only": m.read_only, "kind": m.kind}
+                       for m in spec.mounts],
+            "attention_backend": spec.attention_backend,
             "cells": [{"cell_id": c.cell_id, "method": c.method, "compression_ratio": c.compression_ratio,
                        "budget": c.budget, "baseline": c.baseline,
                        "request_extras": c.spec.request_extras if g.shared else None} for c in g.cells],
@@ -141,6 +147,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
                       + ")")
         line = g["docker_run"] or " ".join(g["command"] + g["args"])
         console.print(f"  {line}", soft_wrap=True, highlight=False, markup=False)
+        for m in g["mounts"]:
+            console.print(f"  mount ({m['kind']}): {m['source']} → {m['target']} ({'ro' if m['read_only'] else 'rw'})",
+                          highlight=False, markup=False)
+        if g["attention_backend"]:
+            console.print(f"  attention backend pinned: {g['attention_backend']}", highlight=False, markup=False)
         if g["env"] and not g["docker_run"]:
             console.print("  env: " + " ".join(f"{k}={v}" for k, v in sorted(g["env"].items())), highlight=False, markup=False)
     return 0

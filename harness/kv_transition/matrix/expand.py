@@ -136,7 +136,7 @@ def cell_config(cfg: Config, matrix: MatrixFile, model: ModelEntry, engine: str,
         eng["runtime"] = knobs.runtime
     eng["extra_args"] = list(eng.get("extra_args") or []) + list(knobs.args)
     eng["env"] = {**(eng.get("env") or {}), **knobs.env}
-    for name in ("tag", "concurrency", "device", "dtype", "readiness_timeout_s"):
+    for name in ("tag", "concurrency", "device", "dtype", "readiness_timeout_s", "attention_backend"):
         if getattr(knobs, name) is not None:
             eng[name] = getattr(knobs, name)
     if matrix.base_port:

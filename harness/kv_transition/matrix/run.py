@@ -70,6 +70,21 @@ def inventory(gpus: Optional[str | list[int]] = None, slots: Optional[int] = Non
     return Inventory(tuple(range(n)), True) if n else Inventory((0,), False)
 
 
+def require_gpu_inventory(exp: Expansion, inv: Inventory) -> None:
+    """GPU engines never fall back to a CPU slot: a matrix with a GPU cell needs real GPUs (--gpus or
+    NVML); exit 2 naming the first such cell otherwise."""
+    if inv.real:
+        return
+    from kv_transition.runtime.gpus import GpuRequiredError, needs_gpu_message
+
+    for c in exp.cells:
+        if c.runtime != "external" and c.spec.needs_gpu:
+            raise GpuRequiredError(
+                f"cell {c.cell_id} ({c.label} on {c.model}): {needs_gpu_message(c.spec)} but no GPU was resolved "
+                f"(no --gpus, NVML sees none, or --slots simulates CPU slots); pass --gpus 0,1,… or set "
+                f"device: cpu for that engine in the matrix")
+
+
 def _nvml_count() -> int:
     from kv_transition.telemetry.gpu import nvml_acquire, nvml_release
 
@@ -457,6 +472,7 @@ class MatrixRunner:
         n_req = self._n_requests()
         jobs = jobs_for(self.exp, n_req)
         check_fits(jobs, self.inv.devices)
+        require_gpu_inventory(self.exp, self.inv)
         self._record_start()
         self.board.total_cells = len(self.exp.cells)
         pending = list(jobs)

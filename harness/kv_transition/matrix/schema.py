@@ -52,6 +52,7 @@ class Knobs(_Strict):
     device: Optional[Literal["cpu", "cuda", "auto"]] = None
     dtype: Optional[str] = None
     readiness_timeout_s: Optional[float] = Field(default=None, gt=0)
+    attention_backend: Optional[str] = None  # pin the attention kernel (enters the cell id); None = engine's choice
 
 
 class MethodEntry(_Strict):

@@ -241,8 +241,18 @@ class DockerRuntime(Runtime):
         }
         if spec.command:
             kw["entrypoint"] = list(spec.command)
+        if spec.needs_gpu and not spec.gpus:  # never a GPU engine in a container without GPUs
+            from kv_transition.runtime.gpus import GpuRequiredError, needs_gpu_message
+
+            raise GpuRequiredError(f"engine.gpus: {needs_gpu_message(spec)} but the spec has no GPU ids; "
+                                   f"set engine.gpus (or --gpus), or engine.device: cpu")
         if spec.gpu and spec.gpus:
             kw["device_requests"] = [DeviceRequest(device_ids=[str(g) for g in spec.gpus], capabilities=[["gpu"]])]
+        if spec.mounts:
+            from docker.types import Mount as DockerMount
+
+            kw["mounts"] = [DockerMount(target=m.target, source=m.source, type="bind", read_only=m.read_only)
+                            for m in spec.mounts]
         if spec.ipc_mode:
             kw["ipc_mode"] = spec.ipc_mode
         if spec.shm_size and spec.ipc_mode != "host":  # with the host's IPC namespace /dev/shm is the host's
@@ -254,13 +264,22 @@ class DockerRuntime(Runtime):
         from docker.errors import APIError
 
         lbl = full_labels(labels)
+        kw = self.create_kwargs(spec, lbl)  # a GPU engine without GPUs fails here, before any pull
+        for m in spec.mounts:
+            if not m.read_only:  # the shared HF cache: created by us, not as root by dockerd
+                Path(m.source).mkdir(parents=True, exist_ok=True)
+            elif not Path(m.source).exists():
+                raise EngineStartError(f"mount {m.source} → {m.target}: the host path does not exist")
         image = self.ensure_image(spec)
         if self.check_port and port_in_use(spec.base_url):
             raise EngineStartError(f"{spec.base_url}: port already in use; another server would answer the "
                                    f"health check (stop it, pick another port, or run `kvt cleanup`)")
         inst = Instance(runtime=self.name, base_url=spec.base_url, spec=spec, log_path=Path(log_path) if log_path else None,
                         image_digest=_digest_of(image, spec.image), started_at=now_iso())
-        kw = self.create_kwargs(spec, lbl)
+        if spec.gpu and spec.gpus:
+            from kv_transition.runtime.gpus import uuids_for
+
+            inst.gpu_uuids = uuids_for(spec.gpus)
         with deferred_signals():  # create + start + tracking together: a Ctrl-C here is handled after
             try:
                 container = self.client.containers.create(image.id, **kw)

@@ -226,13 +226,23 @@ class ProcessRuntime(Runtime):
         log_path = Path(log_path)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
+        if spec.needs_gpu and not spec.gpus:
+            from kv_transition.runtime.gpus import GpuRequiredError, needs_gpu_message
+
+            raise GpuRequiredError(f"engine.gpus: {needs_gpu_message(spec)} but the spec has no GPU ids; "
+                                   f"set engine.gpus (or --gpus), or engine.device: cpu")
+        gpu_uuids: list[str] = []
         if spec.gpu and spec.gpus:  # the process analogue of the container's DeviceRequest
+            from kv_transition.runtime.gpus import uuids_for
+
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in spec.gpus)
+            gpu_uuids = uuids_for(spec.gpus)
         env.update(spec.env)
         env["KVT_ENGINE_OWNER"] = lbl[next(k for k in lbl if k.endswith(".owner"))]
         env["PYTHONUNBUFFERED"] = env.get("PYTHONUNBUFFERED", "1")
         logf = open(log_path, "ab", buffering=0)
-        inst = Instance(runtime=self.name, base_url=spec.base_url, spec=spec, log_path=log_path, started_at=now_iso())
+        inst = Instance(runtime=self.name, base_url=spec.base_url, spec=spec, log_path=log_path, started_at=now_iso(),
+                        gpu_uuids=gpu_uuids)
         with deferred_signals():  # Popen + registry entry + tracking happen together or not at all
             try:
                 proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
