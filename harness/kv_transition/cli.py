@@ -411,7 +411,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         res = prepare(cfg, paths, cb)
     console.print(bins_table(res.manifest))
     rc = matrix_run(argparse.Namespace(config=args.config, override=args.override, matrix=cfg.matrix.file, lock=None,
-                                       gpus=None, slots=1, json=False, no_live=args.quiet))
+                                       gpus=None, slots=1, json=False, no_live=args.quiet, no_preflight=False))
     score_stage(paths, quiet=args.quiet)
     analyze_stage(cfg, paths)
     report_stage(paths)

@@ -363,7 +363,7 @@ class ResolvedSpec:
     mounts: list[Mount] = field(default_factory=list)
     attention_backend: Optional[str] = None          # the pinned backend (None = the engine chooses)
     backend_log_patterns: list[str] = field(default_factory=list)
-    argcheck: Optional[dict[str, str]] = None        # {"script": <abs path>, "python": ...}
+    argcheck: Optional[dict[str, str]] = None        # {"script": relative to engine_dir, "engine_dir", "python"}
 
     @property
     def needs_gpu(self) -> bool:
@@ -538,7 +538,7 @@ def resolve(
         device=device, mounts=list(mounts or []),
         attention_backend=attention_backend,
         backend_log_patterns=list(eng.attention_backend.log_patterns) if eng.attention_backend else [],
-        argcheck=({"script": str(eng.engine_dir / eng.argcheck.script),
+        argcheck=({"script": eng.argcheck.script, "engine_dir": str(eng.engine_dir),
                    "python": eng.argcheck.python} if eng.argcheck else None),
     )
 

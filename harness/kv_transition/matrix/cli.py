@@ -71,20 +71,18 @@ def _hardware(args: argparse.Namespace, cfg: Any, exp: Any, inv: Any) -> Any:
     return arch
 
 
-def plan_dict(cfg: Any, exp: Any, inv: Any, lock_path: Optional[Path], n_requests: Optional[dict[str, int]] = None
-              ) -> dict[str, Any]:
-    """Every group with its planned GPUs/port and exact container spec, every cell. Starts nothing."""
+def group_specs(cfg: Any, exp: Any, inv: Any, n_requests: Optional[dict[str, int]] = None
+                ) -> list[tuple[Any, Any, tuple[int, ...], int, float]]:
+    """Every engine group with the spec it would start (planned GPUs and port): (group, spec, gpus, port,
+    planned start). GPU engines on a CPU-slot inventory are refused (exit 2)."""
     from kv_transition.cell import resolve_cell_spec
-    from kv_transition.matrix.run import group_cfg, jobs_for, port_for
-    from kv_transition.matrix.schedule import makespan, simulate
-
-    from kv_transition.matrix.run import require_gpu_inventory
+    from kv_transition.matrix.run import group_cfg, jobs_for, port_for, require_gpu_inventory
+    from kv_transition.matrix.schedule import simulate
 
     require_gpu_inventory(exp, inv)
-    jobs = jobs_for(exp, n_requests)
-    placements = {p.key: p for p in simulate(jobs, inv.devices)}
+    placements = {p.key: p for p in simulate(jobs_for(exp, n_requests), inv.devices)}
     base = exp.matrix.base_port or cfg.engine.port
-    groups = []
+    out = []
     for g in exp.groups:
         p = placements[g.group_id]
         port = port_for(base, inv, p.gpus)
@@ -92,9 +90,23 @@ def plan_dict(cfg: Any, exp: Any, inv: Any, lock_path: Optional[Path], n_request
         spec, _, _ = resolve_cell_spec(group_cfg(c0, port, p.gpus, inv), engine=c0.engine, method=c0.method,
                                        compression_ratio=c0.compression_ratio, budget=c0.budget,
                                        tensor_parallel=g.tp, digest=c0.digest)
+        out.append((g, spec, p.gpus, port, p.start))
+    return out
+
+
+def plan_dict(cfg: Any, exp: Any, inv: Any, lock_path: Optional[Path], n_requests: Optional[dict[str, int]] = None
+              ) -> dict[str, Any]:
+    """Every group with its planned GPUs/port and exact container spec, every cell. Starts nothing."""
+    from kv_transition.matrix.run import jobs_for
+    from kv_transition.matrix.schedule import makespan, simulate
+
+    placements = {p.key: p for p in simulate(jobs_for(exp, n_requests), inv.devices)}
+    groups = []
+    for g, spec, gpus, port, start in group_specs(cfg, exp, inv, n_requests):
+        c0 = g.cells[0]
         groups.append({
             "group_id": g.group_id, "engine": g.engine, "model": g.model, "runtime": g.runtime, "tp": g.tp,
-            "shared_engine": g.shared, inv.kind + "s": list(p.gpus), "port": port, "planned_start": p.start,
+            "shared_engine": g.shared, inv.kind + "s": list(gpus), "port": port, "planned_start": start,
             "image_ref": spec.image_ref, "image_lock": c0.image_lock, "command": spec.command, "args": spec.args,
             "env": spec.masked_env(), "docker_run": spec.docker_run() if g.runtime == "docker" else None,
             "mounts": [{"source": m.source, "target": m.target, "read_only": m.read_only, "kind": m.kind}
@@ -168,6 +180,44 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def preflight_stage(cfg: Any, exp: Any, inv: Any, *, pull: bool, console: Any, as_json: bool = False,
+                    min_gpu_free: float = 0.5, min_disk_gib: float = 1.0) -> Any:
+    """Run every preflight check (matrix groups, or the config's one cell when exp is None), show the
+    table, raise PreflightError (exit 2) on any failure."""
+    from kv_transition.config import resolve_paths
+    from kv_transition.preflight import render, run_preflight, targets_for_config, targets_for_matrix
+
+    targets = targets_for_matrix(cfg, exp, inv) if exp is not None else targets_for_config(cfg)
+    paths = resolve_paths(cfg)
+    rep = run_preflight(targets, logs_dir=paths.logs_dir, group=cfg.experiment.group_id, pull=pull,
+                        min_gpu_free=min_gpu_free, min_disk_gib=min_disk_gib)
+    if as_json:
+        print(json.dumps({"ok": rep.ok, "checks": [c.as_dict() for c in rep.checks]}, indent=2))
+    else:
+        render(rep, console)
+    if not rep.ok:
+        raise rep.error()
+    return rep
+
+
+def cmd_preflight(args: argparse.Namespace) -> int:
+    from kv_transition.ui import console
+
+    if args.matrix:
+        cfg, matrix, exp, lp, lock = _setup(args)
+        inv = _inventory(args)
+    else:
+        from kv_transition.config import load_config
+
+        cfg, exp, inv = load_config(args.config, args.override), None, None
+        if args.gpus:
+            cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(
+                update={"gpus": [int(x) for x in args.gpus.split(",")]})})
+    preflight_stage(cfg, exp, inv, pull=args.pull, console=console, as_json=args.json,
+                    min_gpu_free=args.min_gpu_free, min_disk_gib=args.min_disk_gib)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg, matrix, exp, lp, lock = _setup(args)
     from kv_transition.matrix.run import MatrixRunner
@@ -175,6 +225,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     inv = _inventory(args)
     _hardware(args, cfg, exp, inv)
+    if not getattr(args, "no_preflight", False):  # before any manifest, engine or DB row
+        preflight_stage(cfg, exp, inv, pull=True, console=console)
     live = console.is_terminal and not args.no_live
     err = (lambda s: None) if live else (lambda s: print(s, file=sys.stderr, flush=True))
     runner = MatrixRunner(cfg, exp, inv, lock=lock, live=live, console=console, log=err,
@@ -239,7 +291,22 @@ def add_parsers(sub: Any, config_args: Callable[[argparse.ArgumentParser], None]
     sp = msub.add_parser("run", help="run the matrix: packed onto the GPUs/slots, resumable, continue on error")
     common(sp)
     sp.add_argument("--no-live", action="store_true", help="log lines instead of the live view")
+    sp.add_argument("--no-preflight", action="store_true", help="skip `kvt preflight` (run first by default)")
     sp.set_defaults(func=cmd_run)
+
+    pf = sub.add_parser("preflight", help="check every engine argv with the engine's own parser, images, mounts, "
+                        "ports, GPUs and disk before anything starts (exit 2 on a failure)")
+    config_args(pf)
+    pf.add_argument("-m", "--matrix", help="matrix file (default: the config's one cell, kv.method)")
+    pf.add_argument("--lock", help="lock file (default: <matrix>.lock.yaml next to the matrix, when present)")
+    pf.add_argument("--gpus", help="GPU indices the run would use, e.g. 0,1 (default: every GPU NVML sees)")
+    pf.add_argument("--slots", type=int, help="no GPUs: N simulated slots (CPU engines only)")
+    pf.add_argument("--pull", action="store_true", help="pull/build missing images now (else: only check)")
+    pf.add_argument("--min-gpu-free", type=float, default=0.5, metavar="FRACTION",
+                    help="free memory each planned GPU needs, as a fraction of its total (default 0.5)")
+    pf.add_argument("--min-disk-gib", type=float, default=1.0, help="free disk for logs (default 1 GiB)")
+    pf.add_argument("--json", action="store_true", help="JSON output")
+    pf.set_defaults(func=cmd_preflight)
 
     lk = sub.add_parser("lock", help="resolve every image tag of a matrix to its digest into a lock file")
     lk.add_argument("-m", "--matrix", required=True)
