@@ -66,6 +66,9 @@ def check_inputs(args: argparse.Namespace, cfg: Any, for_run: bool = False) -> A
     from kv_transition.errors import ConfigError
 
     flags = [f"{flag} {getattr(args, attr)}" for attr, flag in _KNOB_FLAGS if getattr(args, attr, None) is not None]
+    rt_cfg = cfg if getattr(args, "runtime", None) is None else cfg.model_copy(
+        update={"engine": cfg.engine.model_copy(update={"runtime": args.runtime})})
+    check_model_path(rt_cfg, args.config, args.override)  # before the spec (which mounts the model)
     try:
         spec, _, _ = resolve_cell_spec(cfg, engine=getattr(args, "engine", None), method=getattr(args, "method", None),
                                        compression_ratio=getattr(args, "ratio", None),
@@ -85,9 +88,6 @@ def check_inputs(args: argparse.Namespace, cfg: Any, for_run: bool = False) -> A
         blame = next((f"-o {o}" for o in reversed(args.override) if o.split("=", 1)[0].strip().startswith(("kv.", "engine."))),
                      args.config)
         raise ConfigError(f"{blame}: {msg}") from None
-    rt_cfg = cfg if getattr(args, "runtime", None) is None else cfg.model_copy(
-        update={"engine": cfg.engine.model_copy(update={"runtime": args.runtime})})
-    check_model_path(rt_cfg, args.config, args.override)
     return spec
 
 
@@ -482,13 +482,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     """One cell: prepare the manifest if missing, start the engine, send the manifest, tear down.
     Exit 0 when the cell is complete, 1 when it failed or is incomplete (re-run to finish it)."""
     cfg, paths = _load(args)
-    check_inputs(args, cfg, for_run=True)  # bad flags / model path: exit 2 before prepare, DB rows or an engine
+    spec = check_inputs(args, cfg, for_run=True)  # bad flags / model path: exit 2 before prepare, DB rows or an engine
     from kv_transition.cell import cell_summary, run_cell
+    from kv_transition.runtime.gpus import require_gpus
     from kv_transition.ui import console, stage_progress
 
     if args.method and args.method.lstrip().startswith("{"):
         args.method, cfg = _method_spec(args, cfg)
 
+    if spec is not None:  # GPUs too: a GPU engine with none resolvable is exit 2 before anything is written
+        require_gpus(spec, 1, runtime=args.runtime or cfg.engine.runtime)
     if not _dataset_in_db(paths):
         from kv_transition.prepare import prepare
 

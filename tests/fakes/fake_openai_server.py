@@ -102,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-health", action="store_true", default=e("FAKE_NO_HEALTH") == "1")
     p.add_argument("--no-usage", action="store_true", default=e("FAKE_NO_USAGE") == "1")
     p.add_argument("--prefix-cache", action="store_true", default=e("FAKE_PREFIX_CACHE") == "1")
+    # logs the attention backend the way vLLM 0.33 does (platforms/cuda.py): pinned, or "chosen" FLASH_ATTN
+    p.add_argument("--attention-backend", default=e("FAKE_ATTENTION_BACKEND"))
     return p.parse_args(argv)
 
 
@@ -334,6 +336,11 @@ def make_server(opts: argparse.Namespace) -> ThreadingHTTPServer:
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     log(f"TEST DOUBLE starting (pid {os.getpid()}, model {opts.model!r}, port {opts.port})")
+    if opts.attention_backend:
+        log(f"INFO [cuda.py:448] Using AttentionBackendEnum.{opts.attention_backend.upper()} backend.")
+    else:
+        log("INFO [cuda.py:509] Using FLASH_ATTN attention backend out of potential backends: ['FLASH_ATTN', "
+            "'FLASHINFER', 'TRITON_ATTN'].")
     if opts.spawn_child:
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
         log(f"spawned child pid {child.pid}")
