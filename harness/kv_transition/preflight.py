@@ -298,7 +298,7 @@ def run_preflight(targets: list[Target], *, logs_dir: Path, group: str, pull: bo
     def one(key: tuple[str, str, tuple[str, ...]]) -> Check:
         ts = jobs[key]
         spec, cells = ts[0].spec, [c for t in ts for c in t.cells]
-        subj = f"{spec.engine} ({', '.join(t.label for t in ts[:2])}{' …' if len(ts) > 2 else ''})"
+        subj = spec.engine
         if not spec.argcheck:
             return Check("argcheck", subj, "skip", f"engines/{spec.engine}/engine.yaml declares no argcheck", cells)
         if key[0] == "docker":
