@@ -17,7 +17,7 @@ LLAMACPP_STAMP := $(VENV)/.llamacpp-$(LLAMACPP_VERSION)
 LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test prepare validate cleanup clean run-matrix test-docker test-faults llamacpp llamacpp-wheel argcheck-venvs
+.PHONY: help install demo test prepare validate cleanup clean run-matrix test-docker test-faults llamacpp llamacpp-wheel argcheck-venvs preflight
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -58,13 +58,16 @@ demo: $(STAMP) ## the main job on the embedded default (CPU, offline), ends in a
 test: $(STAMP) ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-run-matrix: $(STAMP) ## prepare → matrix run → score → analyze → report (MATRIX=… CONFIG=… [GPUS=0,1] [SLOTS=2])
+run-matrix: $(STAMP) ## prepare → matrix run (preflight first) → score → analyze → report (MATRIX=… CONFIG=… [GPUS=0,1] [SLOTS=2])
 	$(KVT) matrix prepare -c $(CONFIG) -m $(MATRIX)
 	$(KVT) matrix run -c $(CONFIG) -m $(MATRIX) $(if $(GPUS),--gpus $(GPUS)) $(if $(SLOTS),--slots $(SLOTS)) ; rc=$$?; \
 	  $(KVT) score -c $(CONFIG) && $(KVT) analyze -c $(CONFIG) && $(KVT) report -c $(CONFIG) && exit $$rc
 
 test-faults: $(STAMP) ## the fault-injection suite only (kill -9, SIGINT, DB lock/damage, secrets, bad input; part of `test`)
 	$(PY) -m pytest tests/faults $(PYTEST_ARGS)
+
+preflight: $(STAMP) ## check MATRIX's engine argvs (engine parsers), images, mounts, ports, GPUs, disk ([GPUS=0,1])
+	$(KVT) preflight -c $(CONFIG) -m $(MATRIX) $(if $(GPUS),--gpus $(GPUS)) $(if $(SLOTS),--slots $(SLOTS))
 
 test-docker: $(STAMP) ## the Docker tests only, with the daemon mandatory
 	KVT_REQUIRE_DOCKER=1 $(PY) -m pytest -m docker $(PYTEST_ARGS)
