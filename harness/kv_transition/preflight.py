@@ -5,7 +5,8 @@ Per distinct engine image and argv (one target = one engine group of the plan, o
 
 * argcheck   the engine's own parser on the exact argv (engine.yaml `argcheck:`; contract in
              docs/config.md): docker runtime = a throwaway container of the pinned image, entrypoint
-             overridden, the engine dir mounted read-only at /kvt-engine, no GPU, no network; process
+             overridden, the engine dir mounted read-only at /kvt-engine (and the read-only model mount
+             where the engine would see it), no GPU, no network; process
              runtime = the harness's python. Exit 0 accepted (an optional JSON line on stdout is shown),
              exit 2 rejected (its one stderr line is the message), anything else = the check broke.
 * image      present locally, or buildable (engine.yaml build), or pullable (registry answers) — with
@@ -147,7 +148,9 @@ def argcheck_docker(client: Any, image_id: str, spec: ResolvedSpec, labels: dict
             image_id, entrypoint=[ac.get("python") or "python3"], command=[script, *spec.args],
             environment=_safe_env(spec), network_mode="none", detach=True,
             labels=full_labels({**labels, "argcheck": "1"}),
-            mounts=[DockerMount(target=ARGCHECK_DIR, source=ac["engine_dir"], type="bind", read_only=True)])
+            mounts=[DockerMount(target=ARGCHECK_DIR, source=ac["engine_dir"], type="bind", read_only=True)]
+            + [DockerMount(target=m.target, source=m.source, type="bind", read_only=True)  # the model, as the engine sees it
+               for m in spec.mounts if m.read_only and Path(m.source).exists()])
         c.start()
         try:
             res = c.wait(timeout=timeout_s)
