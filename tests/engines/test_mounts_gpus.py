@@ -139,6 +139,11 @@ def test_matrix_never_falls_back_to_cpu_slots_for_gpu_engines(capsys) -> None:
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "cell vllm.full-" in err and "needs a GPU" in err and "--gpus" in err
+    # the config's matrix.gpus is a resolved inventory too
+    assert main(args[:-2] + ["-o", "matrix.gpus=[2, 3]", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["inventory"] == {"kind": "gpu", "devices": [2, 3]}
+    assert {g for grp in plan["groups"] for g in grp["gpus"]} == {2, 3}
     # the CPU demo matrix (kvpress, device cpu) is unaffected
     assert main(["matrix", "plan", "-c", str(REPO / "config/default.yaml"), "-m", str(REPO / "config/matrix/smoke.yaml"),
                  "--slots", "1"]) == 0

@@ -56,10 +56,12 @@ def check_model_paths(exp: Any, args: argparse.Namespace) -> None:
             check_model_path(rcfg, args.config, args.override)
 
 
-def _inventory(args: argparse.Namespace) -> Any:
+def _inventory(args: argparse.Namespace, cfg: Any = None) -> Any:
+    """--gpus > --slots > the config's matrix.gpus > NVML > one CPU slot."""
     from kv_transition.matrix.run import inventory
 
-    return inventory(gpus=args.gpus, slots=args.slots)
+    gpus = args.gpus or (None if args.slots else (cfg.matrix.gpus if cfg is not None else None))
+    return inventory(gpus=gpus, slots=args.slots)
 
 
 def _hardware(args: argparse.Namespace, cfg: Any, exp: Any, inv: Any) -> Any:
@@ -125,7 +127,7 @@ def plan_dict(cfg: Any, exp: Any, inv: Any, lock_path: Optional[Path], n_request
 
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg, matrix, exp, lp, _ = _setup(args)
-    inv = _inventory(args)
+    inv = _inventory(args, cfg)
     arch = _hardware(args, cfg, exp, inv)
     plan = plan_dict(cfg, exp, inv, lp)
     plan["gpu_arch"] = {"compute_capability": arch.label, "source": arch.source} if arch else None
@@ -205,7 +207,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 
     if args.matrix:
         cfg, matrix, exp, lp, lock = _setup(args)
-        inv = _inventory(args)
+        inv = _inventory(args, cfg)
     else:
         from kv_transition.config import load_config
 
@@ -223,10 +225,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kv_transition.matrix.run import MatrixRunner
     from kv_transition.ui import console
 
-    inv = _inventory(args)
+    inv = _inventory(args, cfg)
     _hardware(args, cfg, exp, inv)
     if not getattr(args, "no_preflight", False):  # before any manifest, engine or DB row
-        preflight_stage(cfg, exp, inv, pull=True, console=console)
+        from kv_transition.ui import err_console
+
+        preflight_stage(cfg, exp, inv, pull=True, console=err_console if args.json else console)
     live = console.is_terminal and not args.no_live
     err = (lambda s: None) if live else (lambda s: print(s, file=sys.stderr, flush=True))
     runner = MatrixRunner(cfg, exp, inv, lock=lock, live=live, console=console, log=err,
