@@ -154,8 +154,17 @@ def test_attention_backend_is_data_and_enters_the_cell_id(tmp_path: Path) -> Non
     assert spec.args[-4:] == ["--kv-cache-dtype", "fp8_e5m2", "--attention-backend", "FLASH_ATTN"]
     spec = resolve(load_engine("sglang"), "fp8_e5m2", model_path="m", served_model="m", attention_backend="fa3")
     assert spec.args[-2:] == ["--attention-backend", "fa3"]
-    with pytest.raises(ConfigError, match="engine 'kvpress' does not declare how it takes an attention backend"):
-        resolve(load_engine("kvpress"), "full", model_path="m", served_model="m", attention_backend="sdpa")
+    spec = resolve(load_engine("kvpress"), "snapkv", model_path="m", served_model="m", attention_backend="eager")
+    assert spec.args[-2:] == ["--attn-implementation", "eager"]
+    ready = ('2026-12-01 22:38:21,091 INFO kvpress_engine: ready: {"model": "SmolLM2-135M-Instruct", "device": "cpu", '
+             '"attn_implementation": "sdpa", "max_model_len": 8192}\n')
+    assert parse_backend(ready, spec.backend_log_patterns) == "sdpa"
+    bare = tmp_path / "engines" / "bare"
+    bare.mkdir(parents=True)
+    (bare / "engine.yaml").write_text("name: bare\nimage: x\ntag: y\nmethods: {full: {baseline: true}}\n")
+    with pytest.raises(ConfigError, match="engine 'bare' does not declare how it takes an attention backend"):
+        resolve(load_engine("bare", root=tmp_path / "engines"), "full", model_path="m", served_model="m",
+                attention_backend="sdpa")
     cfg = _cfg(tmp_path, gpus=[0], hf_cache="none")
     pinned = _cfg(tmp_path, gpus=[0], hf_cache="none", attention_backend="TRITON_ATTN")
     a, _, _ = resolve_cell_spec(cfg)
