@@ -16,7 +16,7 @@ from kv_transition.engines.mounts import is_local_path, plan_mounts
 from kv_transition.engines.spec import Mount, load_engine, parse_backend, resolve
 from kv_transition.errors import ConfigError
 from kv_transition.runtime.docker import DockerRuntime
-from kv_transition.runtime.gpus import GpuInfo, GpuRequiredError, require_gpus
+from kv_transition.runtime.gpus import GpuInfo, GpuRequiredError, require_gpus, uuids_for
 from tests.fakes.fake_engine import fake_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -114,6 +114,8 @@ def test_gpu_engine_gets_resolved_gpus_never_none() -> None:
     assert require_gpus(fake_spec("docker", gpu=True, device="cpu"), 1, lister=no_nvml).gpus == []
     assert require_gpus(fake_spec("docker", gpu=False), 1, lister=no_nvml).gpus == []
     assert require_gpus(spec, 1, runtime="external", lister=no_nvml).gpus == []
+    # the UUIDs recorded per instance are those of the chosen indices
+    assert uuids_for([1], lister=two) == ["GPU-b"] and uuids_for([0], lister=no_nvml) == []
     # the runtime refuses a GPU spec without ids (no CPU container), and requests exactly the ids
     with pytest.raises(GpuRequiredError, match="has no GPU ids"):
         DockerRuntime(client=object()).create_kwargs(spec, {})
