@@ -273,7 +273,7 @@ def run_preflight(targets: list[Target], *, logs_dir: Path, group: str, pull: bo
     docker_targets = [t for t in targets if t.runtime == "docker"]
     images: dict[str, Any] = {}       # image ref → image id (present or fetched)
     if docker_targets:
-        from kv_transition.runtime.docker import DockerRuntime, DockerUnavailableError, ImageUnavailableError, docker_client
+        from kv_transition.runtime.docker import DockerRuntime, DockerUnavailableError, docker_client
 
         try:
             client = client or docker_client()
