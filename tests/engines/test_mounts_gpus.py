@@ -114,6 +114,11 @@ def test_gpu_engine_gets_resolved_gpus_never_none() -> None:
     assert require_gpus(fake_spec("docker", gpu=True, device="cpu"), 1, lister=no_nvml).gpus == []
     assert require_gpus(fake_spec("docker", gpu=False), 1, lister=no_nvml).gpus == []
     assert require_gpus(spec, 1, runtime="external", lister=no_nvml).gpus == []
+    # an optional-GPU engine (kvpress): required on cuda, taken when visible on auto, CPU otherwise
+    opt = fake_spec("process", gpu="optional", device="auto")
+    assert require_gpus(opt, 1, lister=two).gpus == [0] and require_gpus(opt, 1, lister=no_nvml).gpus == []
+    with pytest.raises(GpuRequiredError, match="gpu: optional, engine.device cuda"):
+        require_gpus(fake_spec("process", gpu="optional", device="cuda"), 1, lister=no_nvml)
     # the UUIDs recorded per instance are those of the chosen indices
     assert uuids_for([1], lister=two) == ["GPU-b"] and uuids_for([0], lister=no_nvml) == []
     # the runtime refuses a GPU spec without ids (no CPU container), and requests exactly the ids

@@ -12,7 +12,7 @@ import re
 import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -216,7 +216,9 @@ class EngineDef(_Strict):
     models_path: str = "/v1/models"
     metrics: MetricsDef = Field(default_factory=MetricsDef)
     concurrency: int = 8
-    gpu: bool = True
+    # true: needs a GPU unless engine.device is cpu; optional: runs on the CPU too (GPUs are given explicitly
+    # when the device is cuda, or auto and NVML sees some); false: never gets one
+    gpu: Union[bool, Literal["optional"]] = True
     ipc_mode: Optional[str] = "host"
     shm_size: Optional[str] = None
     method_mode: Literal["server", "request"] = "server"
@@ -349,7 +351,7 @@ class ResolvedSpec:
     request_extras: dict[str, Any] = field(default_factory=dict)
     served_model: str = ""
     build: Optional[dict[str, Any]] = None
-    gpu: bool = True
+    gpu: Union[bool, str] = True                      # engine.yaml gpu: true | false | "optional"
     send_add_special_tokens: bool = True
     health_fallback_paths: list[str] = field(default_factory=list)
     served_model_from: str = "config"                   # config | server (see EngineDef.served_model)
@@ -368,7 +370,14 @@ class ResolvedSpec:
     @property
     def needs_gpu(self) -> bool:
         """A GPU engine not told to run on the CPU: it must get explicit GPUs (never none)."""
-        return self.gpu and self.device != "cpu"
+        if self.gpu == "optional":
+            return self.device == "cuda"
+        return bool(self.gpu) and self.device != "cpu"
+
+    @property
+    def wants_gpu(self) -> bool:
+        """Gets GPUs when some can be resolved: needs_gpu, or an optional-GPU engine on device auto."""
+        return self.needs_gpu or (self.gpu == "optional" and self.device == "auto")
 
     @property
     def image_ref(self) -> str:

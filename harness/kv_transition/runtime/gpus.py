@@ -1,7 +1,9 @@
-"""GPUs are always explicit: a GPU engine (`gpu: true`, `engine.device` not cpu) starts with the GPU ids
-the harness resolved — engine.gpus / --gpus, else the first tp GPUs NVML sees — never with none (a
-container without a DeviceRequest would run vLLM on no GPU). None resolvable = exit 2 before anything
-starts. The chosen GPUs' UUIDs are what engine_instances records.
+"""GPUs are always explicit: a GPU engine (engine.yaml `gpu: true` and `engine.device` not cpu, or
+`gpu: optional` and device cuda) starts with the GPU ids the harness resolved — engine.gpus / --gpus, else
+the first tp GPUs NVML sees — never with none (a container without a DeviceRequest would run vLLM on no
+GPU). None resolvable = exit 2 before anything starts. An optional-GPU engine (kvpress) on device auto gets
+GPUs when NVML sees some and runs on the CPU otherwise. The chosen GPUs' UUIDs are what engine_instances
+records.
 """
 
 from __future__ import annotations
@@ -56,14 +58,14 @@ def uuids_for(indices: Sequence[int], lister: Optional[Callable[[], list[GpuInfo
 
 
 def needs_gpu_message(spec: ResolvedSpec) -> str:
-    return (f"engine {spec.engine!r} needs a GPU (engine.yaml gpu: true, engine.device {spec.device})")
+    return f"engine {spec.engine!r} needs a GPU (engine.yaml gpu: {str(spec.gpu).lower()}, engine.device {spec.device})"
 
 
 def require_gpus(spec: ResolvedSpec, tp: int = 1, *, runtime: str = "docker",
                  lister: Optional[Callable[[], list[GpuInfo]]] = None) -> ResolvedSpec:
     """spec with explicit GPU ids when it needs them: its own, else the first `tp` NVML GPUs; raises
     GpuRequiredError when none can be resolved. Engines on the CPU and external servers pass as they are."""
-    if runtime == "external" or not spec.needs_gpu or spec.gpus:
+    if runtime == "external" or not spec.wants_gpu or spec.gpus:
         return spec
     try:
         gpus = (lister or nvml_gpus)()
@@ -71,6 +73,8 @@ def require_gpus(spec: ResolvedSpec, tp: int = 1, *, runtime: str = "docker",
     except Exception as e:  # noqa: BLE001 - NvmlUnavailable or a driver error: say why
         gpus, why = [], f"NVML unavailable: {e}"
     n = max(1, tp)
+    if len(gpus) < n and not spec.needs_gpu:  # gpu: optional on device auto: the CPU it is
+        return spec
     if len(gpus) < n:
         raise GpuRequiredError(
             f"engine.gpus: {needs_gpu_message(spec)} and {n} could not be resolved: engine.gpus / --gpus is empty "
