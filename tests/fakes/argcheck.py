@@ -12,4 +12,4 @@ sys.path.insert(0, os.environ.get("FAKE_SERVER_DIR", "/opt/kvt"))
 import fake_openai_server  # noqa: E402
 
 opts = fake_openai_server.parse_args(sys.argv[1:])  # exits 2 with "…: error: unrecognized arguments: …"
-print(json.dumps({"attention_backend": opts.attention_backend or "FLASH_ATTN"}))
+print(json.dumps({"attention_backend": getattr(opts, "attention_backend", None) or "FLASH_ATTN"}))
