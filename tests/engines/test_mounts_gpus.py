@@ -68,13 +68,14 @@ def test_hub_model_gets_one_shared_hf_cache(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_missing_local_model_path_is_one_clear_exit_2_and_writes_nothing(tmp_path: Path, capsys) -> None:
-    with pytest.raises(ConfigError, match=r"model\.path: /data/models/nope: no such file or directory"):
+    # below the CLI (run_cell, expand) the same rule and words as `kvt validate` (config.checks)
+    with pytest.raises(ConfigError, match=r"model\.path: '/data/models/nope' does not exist"):
         resolve_cell_spec(_cfg(tmp_path, model_path="/data/models/nope"))
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps(_cfg(tmp_path, model_path="/data/models/nope", gpus=[0]).model_dump(mode="json")))
     rc = main(["run", "-c", str(cfg), "-q"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "model.path: /data/models/nope" in err[0]
+    assert rc == 2 and len(err) == 1 and f"{cfg}: model.path: '/data/models/nope' does not exist" in err[0]
     assert not (tmp_path / "runs").exists()
     with pytest.raises(ConfigError, match=r"engine\.mounts\[0\]\.source"):
         plan_mounts(load_engine("vllm"), "docker", "org/m",
