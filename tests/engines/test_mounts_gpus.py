@@ -208,3 +208,22 @@ def test_engine_yaml_regexes_are_validated(tmp_path: Path, monkeypatch: pytest.M
                                    "methods: {full: {baseline: true}}\n")
     with pytest.raises(ConfigError, match=r"attention_backend\.log_patterns: .*no \(\?P<backend>"):
         load_engine("bad", root=tmp_path)
+
+
+def test_migration_5_reaches_a_db_already_at_a_higher_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Numbers are handed to parallel branches: a DB made at 7 before 5 merged must still get 5."""
+    import kv_transition.db.core as core
+    from kv_transition.db import connect
+    from kv_transition.db.migrations import MIGRATIONS
+
+    monkeypatch.setattr(core, "MIGRATIONS", [m for m in MIGRATIONS if m[0] != 5])
+    c = connect(tmp_path / "old.sqlite")
+    assert {r[0] for r in c.execute("SELECT version FROM schema_migrations")} == {1, 2, 3, 4, 7}
+    c.close()
+    monkeypatch.setattr(core, "MIGRATIONS", MIGRATIONS)
+    c = connect(tmp_path / "old.sqlite")
+    cols = {r[1] for r in c.execute("PRAGMA table_info(engine_instances)")}
+    assert {"mounts_json", "attention_backend", "attention_backend_requested"} <= cols
+    assert "attention_backend" in {r[1] for r in c.execute("PRAGMA table_info(cells)")}
+    assert {r[0] for r in c.execute("SELECT version FROM schema_migrations")} == {1, 2, 3, 4, 5, 7}
+    c.close()

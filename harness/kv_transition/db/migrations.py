@@ -373,6 +373,19 @@ MIGRATIONS.append(
 
 MIGRATIONS.append(
     (
+        5,
+        "engine mounts and attention backends: what each engine instance saw and ran with",
+        """
+        ALTER TABLE engine_instances ADD COLUMN mounts_json TEXT;     -- [{"source","target","read_only","kind"}]
+        ALTER TABLE engine_instances ADD COLUMN attention_backend_requested TEXT;  -- pinned (NULL = engine's choice)
+        ALTER TABLE engine_instances ADD COLUMN attention_backend TEXT;  -- parsed from the engine's startup log
+        ALTER TABLE cells ADD COLUMN attention_backend TEXT;          -- the last backend parsed for this cell
+        """,
+    )
+)
+
+MIGRATIONS.append(
+    (
         7,
         "responses: cached prompt tokens, cache busting and cache flag, token count source",
         """
@@ -381,19 +394,6 @@ MIGRATIONS.append(
         ALTER TABLE responses ADD COLUMN cache_bust TEXT;        -- JSON body fields sent to defeat the prefix cache
         ALTER TABLE responses ADD COLUMN cache_flag TEXT;        -- cached | unprotected | NULL (a clean timing)
         ALTER TABLE responses ADD COLUMN token_source TEXT;      -- server | harness | mixed | NULL (none reported)
-        """,
-    )
-)
-
-MIGRATIONS.append(
-    (
-        5,
-        "engine mounts and attention backends: what each engine instance saw and ran with",
-        """
-        ALTER TABLE engine_instances ADD COLUMN mounts_json TEXT;     -- [{"source","target","read_only","kind"}]
-        ALTER TABLE engine_instances ADD COLUMN attention_backend_requested TEXT;  -- pinned (NULL = engine's choice)
-        ALTER TABLE engine_instances ADD COLUMN attention_backend TEXT;  -- parsed from the engine's startup log
-        ALTER TABLE cells ADD COLUMN attention_backend TEXT;          -- the last backend parsed for this cell
         """,
     )
 )
