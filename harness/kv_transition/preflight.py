@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from kv_transition.runtime.health import port_free
 from kv_transition.engines.spec import SECRET_ENV, ResolvedSpec
 from kv_transition.errors import KvtError
 
@@ -199,19 +199,9 @@ def check_mounts(t: Target) -> list[Check]:
     return out
 
 
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-            return True
-        except OSError:
-            return False
-
-
 def check_port(t: Target) -> Check:
     subj = f"{t.spec.host}:{t.spec.port}"
-    if _port_free(t.spec.host, t.spec.port):
+    if port_free(t.spec.host, t.spec.port):
         return Check("port", subj, "ok", "free", t.cells)
     if t.port_fallback:
         return Check("port", subj, "warn", "in use; the matrix run will pick a free port", t.cells)

@@ -37,6 +37,7 @@ from kv_transition.engines.spec import ResolvedSpec
 from kv_transition.matrix.expand import EngineGroup, Expansion, MatrixCell
 from kv_transition.matrix.schedule import Job, assign, check_fits
 from kv_transition.runtime.base import CELL_LABEL, GROUP_LABEL, OWNER_LABEL, EngineStartError, Instance, Runtime, get_runtime
+from kv_transition.runtime.health import port_free
 
 
 # --- inventory ----------------------------------------------------------------------------------
@@ -110,16 +111,6 @@ def jobs_for(exp: Expansion, n_requests: Optional[dict[str, int]] = None) -> lis
 def port_for(base: int, inv: Inventory, gpus: tuple[int, ...]) -> int:
     pos = inv.devices.index(gpus[0]) if gpus else 0
     return base + pos
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-            return True
-        except OSError:
-            return False
 
 
 def _free_port(host: str) -> int:
@@ -411,7 +402,7 @@ class MatrixRunner:
         base = self.exp.matrix.base_port or self.cfg.engine.port
         port = port_for(base, self.inv, gpus)
         host = group.cells[0].cfg.engine.host
-        if group.runtime != "external" and not _port_free(host, port):
+        if group.runtime != "external" and not port_free(host, port):
             port = _free_port(host)
         outcomes: list[CellOutcome] = []
         shared: Optional[SharedEngine] = None

@@ -97,6 +97,17 @@ def wait_healthy(
         time.sleep(min(interval_s, max(0.0, deadline - now)))
 
 
+def port_free(host: str, port: int) -> bool:
+    """True when host:port can be bound now (SO_REUSEADDR: a port in TIME_WAIT counts as free)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
 def port_in_use(base_url: str) -> bool:
     """True when something already accepts connections on base_url's host:port."""
     u = urlsplit(base_url)
