@@ -212,7 +212,8 @@ def setup(root: Path, n_req: int, telemetry_s: float) -> tuple:
 def run_matrix(cfg, root: Path, matrix: dict, n_gpus: int, runtime_factory=None) -> tuple:
     from kv_transition.db import connect, rows
     from kv_transition.matrix import MatrixFile, expand
-    from kv_transition.matrix.run import Inventory, MatrixRunner
+    from kv_transition.matrix.inventory import Inventory
+    from kv_transition.matrix.run import MatrixRunner
 
     exp = expand(cfg, MatrixFile.model_validate(matrix))
     runner = MatrixRunner(cfg, exp, Inventory(tuple(range(n_gpus)), False), cwd=root,

@@ -14,7 +14,7 @@ from kv_transition.config import load_config
 from kv_transition.errors import ConfigError
 from kv_transition.matrix import expand, load_matrix
 from kv_transition.matrix.hardware import gpu_arch, refuse_unrunnable
-from kv_transition.matrix.run import Inventory
+from kv_transition.matrix.inventory import Inventory
 
 
 def _matrix(tmp_path: Path, sglang_methods: list[str]) -> Path:

@@ -38,7 +38,8 @@ def test_smoke_matrix_with_the_real_kvpress_engine(tmp_path: Path, monkeypatch: 
     from kv_transition.db import connect, rows
     from kv_transition.manifest import write_db
     from kv_transition.matrix import expand, load_matrix
-    from kv_transition.matrix.run import MatrixRunner, inventory
+    from kv_transition.matrix.inventory import inventory
+    from kv_transition.matrix.run import MatrixRunner
     from kv_transition.prepare import record_experiment
 
     from .conftest import scorable_manifest
@@ -81,7 +82,8 @@ def test_press_spec_cell_stores_the_whole_spec(tmp_path: Path, monkeypatch: pyte
     from kv_transition.db import connect, rows
     from kv_transition.manifest import write_db
     from kv_transition.matrix import MatrixFile, expand
-    from kv_transition.matrix.run import MatrixRunner, inventory
+    from kv_transition.matrix.inventory import inventory
+    from kv_transition.matrix.run import MatrixRunner
     from kv_transition.prepare import record_experiment
 
     from .conftest import scorable_manifest

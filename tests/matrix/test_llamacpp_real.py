@@ -67,7 +67,8 @@ def test_llamacpp_smoke_matrix_f16_and_q8_0_verified_scored_reported(tmp_path, m
     from kv_transition.cli import analyze_stage, report_stage, score_stage
     from kv_transition.db import connect, rows
     from kv_transition.matrix import expand, load_matrix
-    from kv_transition.matrix.run import MatrixRunner, inventory
+    from kv_transition.matrix.inventory import inventory
+    from kv_transition.matrix.run import MatrixRunner
 
     from tests.fakes.fake_engine import free_port
 

@@ -16,7 +16,8 @@ import psutil
 
 from kv_transition.db import connect, rows
 from kv_transition.matrix import expand, load_matrix
-from kv_transition.matrix.run import MatrixRunner, inventory
+from kv_transition.matrix.inventory import inventory
+from kv_transition.matrix.run import MatrixRunner
 
 REPO = Path(__file__).resolve().parents[2]
 

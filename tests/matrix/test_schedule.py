@@ -9,7 +9,8 @@ import pytest
 from kv_transition.config.schema import Config
 from kv_transition.errors import ConfigError
 from kv_transition.matrix import MatrixFile, expand
-from kv_transition.matrix.run import Inventory, inventory, jobs_for
+from kv_transition.matrix.inventory import Inventory, inventory
+from kv_transition.matrix.run import jobs_for
 from kv_transition.matrix.schedule import Job, assign, choose_gpus, makespan, simulate
 
 from .conftest import base_config

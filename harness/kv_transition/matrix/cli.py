@@ -58,7 +58,7 @@ def check_model_paths(exp: Any, args: argparse.Namespace) -> None:
 
 def _inventory(args: argparse.Namespace, cfg: Any = None) -> Any:
     """--gpus > --slots > the config's matrix.gpus > NVML > one CPU slot."""
-    from kv_transition.matrix.run import inventory
+    from kv_transition.matrix.inventory import inventory
 
     gpus = args.gpus or (None if args.slots else (cfg.matrix.gpus if cfg is not None else None))
     return inventory(gpus=gpus, slots=args.slots)
@@ -78,7 +78,9 @@ def group_specs(cfg: Any, exp: Any, inv: Any, n_requests: Optional[dict[str, int
     """Every engine group with the spec it would start (planned GPUs and port): (group, spec, gpus, port,
     planned start). GPU engines on a CPU-slot inventory are refused (exit 2)."""
     from kv_transition.cell import resolve_cell_spec
-    from kv_transition.matrix.run import group_cfg, jobs_for, port_for, require_gpu_inventory
+    from kv_transition.matrix.group import group_cfg, port_for
+    from kv_transition.matrix.inventory import require_gpu_inventory
+    from kv_transition.matrix.run import jobs_for
     from kv_transition.matrix.schedule import simulate
 
     require_gpu_inventory(exp, inv)
@@ -173,7 +175,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     cfg, matrix, exp, lp, lock = _setup(args)
-    from kv_transition.matrix.run import Inventory, MatrixRunner
+    from kv_transition.matrix.inventory import Inventory
+    from kv_transition.matrix.run import MatrixRunner
     from kv_transition.ui import console
 
     runner = MatrixRunner(cfg, exp, Inventory((0,), False), lock=lock, log=lambda s: console.print(s, markup=False))

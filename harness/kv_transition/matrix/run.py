@@ -13,90 +13,31 @@ parallel threads, each group its own engine on its own port.
 * continue on error: a failed cell or group never stops the others; exit 1 at the end if any failed.
 * resume: a complete cell starts no engine; an incomplete one sends only the missing requests.
 * SIGINT/SIGTERM: every engine is stopped, running cells end `incomplete`, the matrix run `interrupted`.
+
+The pieces: inventory.py (GPUs or slots), schedule.py (packing), group.py (one group on its GPUs),
+shared.py (a request-mode group's one engine), record.py (matrix_* rows), view.py (the live view),
+outcome.py (results). This module is the local backend: one thread per running group.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import queue
-import socket
 import threading
 import time
-import traceback
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
-from kv_transition import __version__
-from kv_transition.cell import CellResult, git_sha, resolve_cell_spec, run_cell
 from kv_transition.config import Config, Paths, resolve_paths
-from kv_transition.db import connect, transaction, utcnow
-from kv_transition.engines.spec import ResolvedSpec
-from kv_transition.matrix.expand import EngineGroup, Expansion, MatrixCell
+from kv_transition.db import connect
+from kv_transition.matrix.expand import Expansion, MatrixCell
+from kv_transition.matrix.group import GroupRunner
+from kv_transition.matrix.inventory import Inventory, require_gpu_inventory
+from kv_transition.matrix.outcome import CellOutcome, MatrixSummary
+from kv_transition.matrix.record import MatrixLog
 from kv_transition.matrix.schedule import Job, assign, check_fits
-from kv_transition.runtime.base import CELL_LABEL, GROUP_LABEL, OWNER_LABEL, EngineStartError, Instance, Runtime, get_runtime
-from kv_transition.runtime.health import port_free
+from kv_transition.matrix.view import Board, live_view, null_ctx
+from kv_transition.runtime.base import Runtime, get_runtime
 
-
-# --- inventory ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Inventory:
-    devices: tuple[int, ...]
-    real: bool                # real GPUs (engines get CUDA_VISIBLE_DEVICES / DeviceRequests) or CPU slots
-
-    @property
-    def kind(self) -> str:
-        return "gpu" if self.real else "slot"
-
-
-def inventory(gpus: Optional[str | list[int]] = None, slots: Optional[int] = None,
-              nvml: Callable[[], int] | None = None) -> Inventory:
-    """--gpus 0,1,2,3 > --slots N (simulated, CPU) > NVML device count > 1 slot."""
-    if gpus not in (None, "", []):
-        ids = [int(x) for x in gpus.split(",")] if isinstance(gpus, str) else [int(x) for x in gpus]
-        if len(set(ids)) != len(ids) or any(i < 0 for i in ids):
-            from kv_transition.errors import ConfigError
-
-            raise ConfigError(f"--gpus {gpus!r}: distinct non-negative GPU indices expected")
-        return Inventory(tuple(ids), True)
-    if slots:
-        return Inventory(tuple(range(slots)), False)
-    try:
-        n = (nvml or _nvml_count)()
-    except Exception:  # noqa: BLE001 - no driver / no NVML: CPU
-        n = 0
-    return Inventory(tuple(range(n)), True) if n else Inventory((0,), False)
-
-
-def require_gpu_inventory(exp: Expansion, inv: Inventory) -> None:
-    """GPU engines never fall back to a CPU slot: a matrix with a GPU cell needs real GPUs (--gpus or
-    NVML); exit 2 naming the first such cell otherwise."""
-    if inv.real:
-        return
-    from kv_transition.runtime.gpus import GpuRequiredError, needs_gpu_message
-
-    for c in exp.cells:
-        if c.runtime != "external" and c.spec.needs_gpu:
-            raise GpuRequiredError(
-                f"cell {c.cell_id} ({c.label} on {c.model}): {needs_gpu_message(c.spec)} but no GPU was resolved "
-                f"(no --gpus, NVML sees none, or --slots simulates CPU slots); pass --gpus 0,1,… or set "
-                f"device: cpu for that engine in the matrix")
-
-
-def _nvml_count() -> int:
-    from kv_transition.telemetry.gpu import nvml_acquire, nvml_release
-
-    nv = nvml_acquire()
-    try:
-        return int(nv.nvmlDeviceGetCount())
-    finally:
-        nvml_release()
-
-
-# --- jobs ---------------------------------------------------------------------------------------
 
 def jobs_for(exp: Expansion, n_requests: Optional[dict[str, int]] = None) -> list[Job]:
     """One Job per engine group; work ≈ one engine load + its cells (× requests when known)."""
@@ -106,164 +47,6 @@ def jobs_for(exp: Expansion, n_requests: Optional[dict[str, int]] = None) -> lis
         scale = sum(per) / len(per)
         out.append(Job(g.group_id, g.tp, work=1.0 + sum(per) / scale, baseline=g.has_baseline, order=i))
     return out
-
-
-def port_for(base: int, inv: Inventory, gpus: tuple[int, ...]) -> int:
-    pos = inv.devices.index(gpus[0]) if gpus else 0
-    return base + pos
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def group_cfg(cell: MatrixCell, port: int, gpus: tuple[int, ...], inv: Inventory) -> Config:
-    eng = cell.cfg.engine.model_copy(update={"port": port, "gpus": list(gpus) if inv.real else []})
-    return cell.cfg.model_copy(update={"engine": eng})
-
-
-# --- a shared (request-mode) engine -------------------------------------------------------------
-
-class SharedEngine:
-    """One engine for a whole group: started on first use, restarted (≤ max_restarts) when it died."""
-
-    def __init__(self, rt: Runtime, spec: ResolvedSpec, labels: dict[str, str], log_path: Path,
-                 on_load: Callable[[Instance, Optional[str]], None], max_restarts: int = 2):
-        self.rt, self.spec, self.labels, self.log_path = rt, spec, labels, log_path
-        self.on_load = on_load
-        self.max_restarts = max_restarts
-        self.inst: Optional[Instance] = None
-        self.loads = 0
-        self.start_error: Optional[EngineStartError] = None
-        self.lock = threading.Lock()
-
-    def ensure(self) -> Instance:
-        with self.lock:
-            if self.start_error is not None:
-                raise EngineStartError(f"the group's engine failed to start earlier: {str(self.start_error).splitlines()[0]}",
-                                       returncode=self.start_error.returncode)
-            if self.inst is not None and self.rt.is_running(self.inst):
-                return self.inst
-            if self.inst is not None:  # died after a cell: record, restart
-                self.rt.stop(self.inst)
-                self.on_load(self.inst, f"engine stopped (exit code {self.inst.exit_code})")
-                if self.loads > self.max_restarts:
-                    self.start_error = EngineStartError(f"engine died {self.loads} times; not restarting again")
-                    raise self.start_error
-            inst = None
-            try:
-                inst = self.rt.start(self.spec, self.labels, self.log_path)
-                self.loads += 1
-                self.rt.ready(inst)
-            except EngineStartError as e:
-                if inst is not None:
-                    self.rt.stop(inst)
-                    self.on_load(inst, str(e).splitlines()[0])
-                self.start_error = e
-                raise
-            self.inst = inst
-            return inst
-
-    def close(self) -> None:
-        with self.lock:
-            if self.inst is not None:
-                self.rt.stop(self.inst)
-                self.on_load(self.inst, None)
-                self.inst = None
-
-
-class LentRuntime(Runtime):
-    """What `run_cell` sees for a shared engine: `running()` lends the group's instance (starting it
-    on first use) and never stops it; `is_running` (the watchdog) asks the real runtime."""
-
-    def __init__(self, shared: SharedEngine):
-        self.shared = shared
-        self.name = shared.rt.name
-
-    @contextmanager
-    def running(self, spec: ResolvedSpec, labels: dict[str, str], log_path: Optional[Path] = None) -> Iterator[Instance]:
-        yield self.shared.ensure()
-
-    def start(self, spec: ResolvedSpec, labels: dict[str, str], log_path: Optional[Path]) -> Instance:
-        return self.shared.ensure()
-
-    def wait_ready(self, inst: Instance, timeout_s: Optional[float] = None) -> None:
-        return None
-
-    def is_running(self, inst: Instance) -> bool:
-        return self.shared.inst is not None and self.shared.rt.is_running(self.shared.inst)
-
-    def stop(self, inst: Instance, timeout_s: float = 20.0) -> None:
-        return None
-
-    def log_tail(self, inst: Instance, n: int = 40) -> str:
-        return self.shared.rt.log_tail(inst, n)
-
-
-# --- bookkeeping --------------------------------------------------------------------------------
-
-@dataclass
-class CellOutcome:
-    cell: MatrixCell
-    status: str                 # completed | incomplete | failed | skipped
-    reason: Optional[str] = None
-    n_ok: int = 0
-    n_requests: int = 0
-    gpus: tuple[int, ...] = ()
-    group_id: str = ""
-    elapsed_s: float = 0.0
-
-
-@dataclass
-class MatrixSummary:
-    matrix_run_id: Optional[int]
-    outcomes: list[CellOutcome]
-    engine_loads: dict[str, int]          # group id → engine starts in this run
-    wall_s: float
-    status: str                           # completed | failed | interrupted
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "completed"
-
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for o in self.outcomes:
-            out[o.status] = out.get(o.status, 0) + 1
-        return out
-
-
-@dataclass
-class SlotState:
-    group: str = ""
-    cell: str = ""
-    cell_id: str = ""
-    status: str = "idle"
-    done: int = 0               # cells of the group finished
-    total: int = 0
-
-
-class Board:
-    """Shared state for the live view: one row per GPU/slot."""
-
-    def __init__(self, inv: Inventory):
-        self.inv = inv
-        self.slots: dict[int, SlotState] = {d: SlotState() for d in inv.devices}
-        self.lock = threading.Lock()
-        self.finished: list[CellOutcome] = []
-        self.total_cells = 0
-
-    def set(self, gpus: tuple[int, ...], **kw: Any) -> None:
-        with self.lock:
-            for g in gpus:
-                for k, v in kw.items():
-                    setattr(self.slots[g], k, v)
-
-    def done(self, o: CellOutcome) -> None:
-        with self.lock:
-            self.finished.append(o)
 
 
 class MatrixRunner:
@@ -286,8 +69,12 @@ class MatrixRunner:
         self.cancel = threading.Event()
         self._runtimes: list[Runtime] = []
         self._rt_lock = threading.Lock()
-        self.loads: dict[str, int] = {}
-        self.matrix_run_id: Optional[int] = None
+        self.record = MatrixLog(self.paths.db)
+        self.groups = GroupRunner(
+            base_port=exp.matrix.base_port or cfg.engine.port, inv=inv, experiment_group=cfg.experiment.group_id,
+            logs_dir=self.paths.logs_dir, runtime=self._runtime, record=self.record, paths_for=self._paths,
+            board=self.board, cancel=self.cancel, cell_kwargs=self.cell_kwargs, log=self.log)
+        self.loads = self.groups.loads
 
     # -- helpers
     def _paths(self, cell: MatrixCell) -> Paths:
@@ -311,54 +98,9 @@ class MatrixRunner:
     def _db(self) -> Any:
         return connect(self.paths.db)
 
-    def _record_start(self) -> None:
-        conn = self._db()
-        try:
-            with transaction(conn):
-                cur = conn.execute(
-                    "INSERT INTO matrix_runs(group_id, matrix_name, matrix_path, matrix_sha256, lock_json, inventory_json,"
-                    " harness_version, git_sha, host, pid, status, n_cells, started_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (self.cfg.experiment.group_id, self.exp.matrix.name, self.matrix_path, self.matrix_sha256,
-                     json.dumps(self.lock_data) if self.lock_data else None,
-                     json.dumps({"kind": self.inv.kind, "devices": list(self.inv.devices)}), __version__, git_sha(),
-                     socket.gethostname(), os.getpid(), "running", len(self.exp.cells), utcnow()))
-                self.matrix_run_id = int(cur.lastrowid)
-        finally:
-            conn.close()
-
-    def _record_cell(self, o: CellOutcome, port: Optional[int], started: str) -> None:
-        conn = self._db()
-        try:
-            conn.execute(
-                "INSERT OR REPLACE INTO matrix_cells(matrix_run_id, cell_id, engine_group, model_id, engine, method,"
-                " compression_ratio, budget, gpus_json, port, image_lock, status, reason, started_at, finished_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (self.matrix_run_id, o.cell.cell_id, o.group_id, o.cell.model, o.cell.engine, o.cell.method,
-                 o.cell.compression_ratio, o.cell.budget, json.dumps(list(o.gpus)), port, o.cell.image_lock,
-                 o.status, o.reason, started, utcnow()))
-        finally:
-            conn.close()
-
-    def _record_load(self, group: EngineGroup, gpus: tuple[int, ...], inst: Instance, error: Optional[str]) -> None:
-        conn = self._db()
-        try:
-            conn.execute(
-                "INSERT INTO matrix_engines(matrix_run_id, engine_group, model_id, engine, runtime, gpus_json, port,"
-                " ident, image_digest, started_at, ready_at, stopped_at, exit_code, error) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (self.matrix_run_id, group.group_id, group.model, group.engine, inst.runtime, json.dumps(list(gpus)),
-                 inst.spec.port, inst.ident, inst.image_digest or inst.spec.digest, inst.started_at, inst.ready_at,
-                 inst.stopped_at or utcnow(), inst.exit_code, error))
-        finally:
-            conn.close()
-
-    def _finish(self, status: str, outcomes: list[CellOutcome]) -> None:
-        conn = self._db()
-        try:
-            conn.execute("UPDATE matrix_runs SET status=?, n_completed=?, n_failed=?, finished_at=? WHERE matrix_run_id=?",
-                         (status, sum(o.status == "completed" for o in outcomes),
-                          sum(o.status != "completed" for o in outcomes), utcnow(), self.matrix_run_id))
-        finally:
-            conn.close()
+    @property
+    def matrix_run_id(self) -> Optional[int]:
+        return self.record.matrix_run_id
 
     # -- preparation
     def prepare(self, progress: bool = False) -> list[str]:
@@ -397,63 +139,6 @@ class MatrixRunner:
             except Exception as e:  # noqa: BLE001 - a note, not a failure
                 self.log(f"note: stale-engine cleanup ({kind}) skipped: {e}")
 
-    # -- one group
-    def _run_group(self, group: EngineGroup, gpus: tuple[int, ...]) -> list[CellOutcome]:
-        base = self.exp.matrix.base_port or self.cfg.engine.port
-        port = port_for(base, self.inv, gpus)
-        host = group.cells[0].cfg.engine.host
-        if group.runtime != "external" and not port_free(host, port):
-            port = _free_port(host)
-        outcomes: list[CellOutcome] = []
-        shared: Optional[SharedEngine] = None
-        if group.shared and group.runtime != "external":
-            c0 = group.cells[0]
-            spec, _, _ = resolve_cell_spec(group_cfg(c0, port, gpus, self.inv), engine=c0.engine, method=c0.method,
-                                           compression_ratio=c0.compression_ratio, budget=c0.budget,
-                                           tensor_parallel=group.tp, digest=c0.digest)
-            labels = {OWNER_LABEL: "kv-transition", GROUP_LABEL: self.cfg.experiment.group_id, CELL_LABEL: group.group_id}
-            log_path = self.paths.logs_dir / f"engine-{group.group_id}.log"
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-
-            def on_load(inst: Instance, err: Optional[str]) -> None:
-                self._record_load(group, gpus, inst, err)
-
-            shared = SharedEngine(self._runtime(group.runtime), spec, labels, log_path, on_load)
-        try:
-            for i, cell in enumerate(group.cells):
-                if self.cancel.is_set():
-                    outcomes.append(CellOutcome(cell, "skipped", "matrix interrupted", gpus=gpus, group_id=group.group_id))
-                    continue
-                self.board.set(gpus, group=group.label, cell=cell.label, cell_id=cell.cell_id, status="running",
-                               done=i, total=len(group.cells))
-                started, t0 = utcnow(), time.monotonic()
-                rt_impl: Optional[Runtime] = LentRuntime(shared) if shared else (
-                    self._runtime(cell.runtime) if cell.runtime != "external" else None)
-                try:
-                    res: CellResult = run_cell(group_cfg(cell, port, gpus, self.inv), self._paths(cell),
-                                               engine=cell.engine, method=cell.method,
-                                               compression_ratio=cell.compression_ratio, budget=cell.budget,
-                                               runtime_impl=rt_impl, tensor_parallel=cell.tp, digest=cell.digest,
-                                               **self.cell_kwargs)
-                    o = CellOutcome(cell, res.status, res.reason, res.n_ok, res.n_requests, gpus, group.group_id)
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except Exception as e:  # noqa: BLE001 - continue on error
-                    o = CellOutcome(cell, "failed", f"{type(e).__name__}: {e}", gpus=gpus, group_id=group.group_id)
-                    self.log(traceback.format_exc(limit=3))
-                o.elapsed_s = time.monotonic() - t0
-                outcomes.append(o)
-                self.board.done(o)
-                self._record_cell(o, port, started)
-                self.log(f"[{self.inv.kind} {','.join(map(str, gpus))}] {cell.label} ({cell.model}) {o.status}"
-                         f" {o.n_ok}/{o.n_requests}" + (f": {o.reason.splitlines()[0]}" if o.reason and o.status != "completed" else ""))
-        finally:
-            if shared is not None:
-                shared.close()
-                self.loads[group.group_id] = shared.loads
-            self.board.set(gpus, group="", cell="", cell_id="", status="idle", done=0, total=0)
-        return outcomes
-
     # -- the whole matrix
     def run(self) -> MatrixSummary:
         from kv_transition.runtime.signals import stop_on_signals
@@ -464,7 +149,8 @@ class MatrixRunner:
         jobs = jobs_for(self.exp, n_req)
         check_fits(jobs, self.inv.devices)
         require_gpu_inventory(self.exp, self.inv)
-        self._record_start()
+        self.record.start(self.cfg.experiment.group_id, self.exp.matrix.name, self.matrix_path, self.matrix_sha256,
+                          self.lock_data, {"kind": self.inv.kind, "devices": list(self.inv.devices)}, len(self.exp.cells))
         self.board.total_cells = len(self.exp.cells)
         pending = list(jobs)
         free = list(self.inv.devices)
@@ -476,13 +162,13 @@ class MatrixRunner:
         def worker(job: Job, gpus: tuple[int, ...]) -> None:
             g = groups[job.key]
             try:
-                res = self._run_group(g, gpus)
+                res = self.groups.run(g, gpus)
             except BaseException as e:  # noqa: BLE001 - never lose a group silently
                 res = [CellOutcome(c, "failed", f"group error: {type(e).__name__}: {e}", gpus=gpus, group_id=g.group_id)
                        for c in g.cells]
             done_q.put((job.key, res))
 
-        view = _live_view(self) if self.live else _null_ctx()
+        view = live_view(self) if self.live else null_ctx()
         try:
             with stop_on_signals(self._on_signal), view:
                 while pending or running:
@@ -520,11 +206,11 @@ class MatrixRunner:
                     continue
                 running.pop(key, None)
                 outcomes += res
-            self._finish(status, outcomes)
+            self.record.finish(status, outcomes)
             raise
         if status == "completed" and any(o.status != "completed" for o in outcomes):
             status = "failed"
-        self._finish(status, outcomes)
+        self.record.finish(status, outcomes)
         order = {c.cell_id: i for i, c in enumerate(self.exp.cells)}
         outcomes.sort(key=lambda o: order.get(o.cell.cell_id, 0))
         return MatrixSummary(self.matrix_run_id, outcomes, dict(self.loads), time.monotonic() - t0, status)
@@ -539,42 +225,3 @@ class MatrixRunner:
             return {r[0]: int(r[1]) for r in conn.execute("SELECT dataset_id, n_entries FROM datasets")}
         finally:
             conn.close()
-
-
-@contextmanager
-def _null_ctx() -> Iterator[None]:
-    yield
-
-
-@contextmanager
-def _live_view(runner: MatrixRunner) -> Iterator[None]:
-    from rich.live import Live
-
-    from kv_transition.matrix.view import render
-
-    cache: dict[str, Any] = {"t": 0.0, "progress": {}}
-
-    def get() -> Any:
-        now = time.monotonic()
-        if now - cache["t"] > 1.0:
-            cache["t"] = now
-            cache["progress"] = _progress(runner.paths.db)
-        return render(runner.board, cache["progress"])
-
-    with Live(get_renderable=get, console=runner.console, refresh_per_second=2, transient=False):
-        yield
-
-
-def _progress(db: Path) -> dict[str, tuple[int, int, int]]:
-    try:
-        conn = connect(db, readonly=True)
-    except Exception:  # noqa: BLE001
-        return {}
-    try:
-        return {r[0]: (int(r[1] or 0), int(r[2] or 0), int(r[3] or 0)) for r in conn.execute(
-            "SELECT c.cell_id, c.n_requests, SUM(q.status='ok'), SUM(q.status='failed') FROM cells c"
-            " LEFT JOIN requests q ON q.cell_id = c.cell_id GROUP BY c.cell_id")}
-    except Exception:  # noqa: BLE001 - a locked/partial DB never breaks the view
-        return {}
-    finally:
-        conn.close()
