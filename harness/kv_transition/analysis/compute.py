@@ -96,7 +96,7 @@ def _resource_stats(conn: sqlite3.Connection, cell_id: str) -> dict[int, dict[st
             "tpot_p50": percentile([r["tpot_s"] for r in lat], 50), "tpot_p90": percentile([r["tpot_s"] for r in lat], 90),
             "output_tok_s": comp / e2e if e2e > 0 else None,
             "prefill_tok_s": float(np.median(prefill)) if prefill else None,
-            "peak_gpu_mem": None, "peak_kv_usage": None, "peak_rss": None,
+            "peak_gpu_mem": None, "peak_kv_usage": None, "peak_kv_bytes": None, "peak_rss": None,
         }
         # telemetry peaks inside [first request start, last request end] of this bin, per run
         windows: dict[int, list[float]] = defaultdict(lambda: [float("inf"), float("-inf")])
@@ -110,10 +110,15 @@ def _resource_stats(conn: sqlite3.Connection, cell_id: str) -> dict[int, dict[st
                              " GROUP BY t ORDER BY 2 DESC LIMIT 1", (run_id, t0, t1)).fetchone()
             if g and g[1] is not None:
                 d["peak_gpu_mem"] = max(d["peak_gpu_mem"] or 0, float(g[1]))
-            k = conn.execute("SELECT MAX(value) FROM telemetry_engine_metric WHERE run_id=? AND t BETWEEN ? AND ?",
-                             (run_id, t0, t1)).fetchone()
-            if k and k[0] is not None:
-                d["peak_kv_usage"] = max(d["peak_kv_usage"] or 0, float(k[0]))
+            # the engine's KV gauges: a usage fraction (0..1) and, where exported, bytes — Prometheus names carry
+            # the unit, so a name ending in _bytes is bytes and the rest are fractions
+            for m, v in conn.execute(
+                    "SELECT metric, MAX(value) FROM telemetry_engine_metric WHERE run_id=? AND t BETWEEN ? AND ?"
+                    " GROUP BY metric", (run_id, t0, t1)):
+                if v is None:
+                    continue
+                key = "peak_kv_bytes" if str(m).endswith("_bytes") else "peak_kv_usage"
+                d[key] = max(d[key] or 0, float(v))
             h = conn.execute("SELECT MAX(proc_rss) FROM telemetry_host WHERE run_id=? AND t BETWEEN ? AND ?",
                              (run_id, t0, t1)).fetchone()
             if h and h[0] is not None:

@@ -397,3 +397,13 @@ MIGRATIONS.append(
         """,
     )
 )
+
+MIGRATIONS.append(
+    (
+        12,
+        "analysis_bins: the engine's KV-bytes gauge apart from its KV-usage fraction",
+        """
+        ALTER TABLE analysis_bins ADD COLUMN peak_kv_bytes REAL;  -- engine /metrics *_bytes gauge, max in the window
+        """,
+    )
+)

@@ -201,8 +201,8 @@ def _memory(conn: sqlite3.Connection, data_cells: list[dict[str, Any]],
                 held, source = sum(before) / len(before), "kv_bytes_before (masked, not freed)"
             elif st.get("kv_bytes_after") is not None:
                 held, source = float(st["kv_bytes_after"]), "kv_bytes_after (engine, per response)"
-            elif st.get("peak_kv_usage") is not None and st["peak_kv_usage"] > 1.0:
-                held, source = float(st["peak_kv_usage"]), "engine KV-bytes gauge (peak)"
+            elif st.get("peak_kv_bytes") is not None:
+                held, source = float(st["peak_kv_bytes"]), "engine KV-bytes gauge (peak)"
             elif (not kvs and st.get("mean_tokens") and (c["model_id"], c["provenance"]["dtype"]) in bpt
                   and (c.get("kv_dtype") is None or c["kv_dtype"] in KV_DTYPE_WIDTH)):
                 w = KV_DTYPE_WIDTH.get(c["kv_dtype"], 1.0) if c.get("kv_dtype") else 1.0
