@@ -491,7 +491,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.method, cfg = _method_spec(args, cfg)
 
     if spec is not None:  # GPUs too: a GPU engine with none resolvable is exit 2 before anything is written
-        require_gpus(spec, 1, runtime=args.runtime or cfg.engine.runtime)
+        spec = require_gpus(spec, 1, runtime=args.runtime or cfg.engine.runtime)
+        if spec.gpus:  # and a method these GPUs cannot run (engine.yaml `requires`), as `kvt matrix run` refuses it
+            from kv_transition.matrix.hardware import gpu_arch, refuse_cell
+            from kv_transition.matrix.inventory import Inventory
+
+            refuse_cell(args.engine or cfg.engine.name, args.method or cfg.kv.method,
+                        gpu_arch(None, cfg, Inventory(tuple(spec.gpus), True)), "kvt run")
     if not _dataset_in_db(paths):
         from kv_transition.prepare import prepare
 

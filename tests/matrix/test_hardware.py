@@ -77,3 +77,17 @@ def test_matrix_plan_exit_2_one_line(repo_root: Path, tmp_path: Path, capsys: py
     assert main(["matrix", "plan", *c, "-m", str(ok), "--gpus", "0", "--gpu-arch", "9.0", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["gpu_arch"] == {"compute_capability": "9.0", "source": "--gpu-arch 9.0"}
+
+
+def test_kvt_run_refuses_a_method_the_gpu_cannot_run(repo_root: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]):
+    """One cell (`kvt run`) gets the same refusal as the matrix: exit 2, one line, no DB, no engine."""
+    (tmp_path / "Llama-3.1-8B-Instruct").mkdir()
+    c = ["-c", str(repo_root / "config" / "default.yaml"), "-o", f"output.runs_root={tmp_path}/runs",
+         "-o", f"output.data_root={tmp_path}/data", "-o", f"model.path={tmp_path}/Llama-3.1-8B-Instruct",
+         "-o", "engine.gpus=[0]", "-o", "matrix.gpu_arch=9.0"]
+    assert main(["run", *c, "--engine", "sglang", "--method", "nvfp4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "kvt run: sglang/nvfp4 needs compute capability >= 10.0" in err[0], err
+    assert "matrix.gpu_arch 9.0" in err[0]
+    assert not (tmp_path / "runs").exists()

@@ -49,6 +49,18 @@ def gpu_arch(cli: Optional[str], cfg: Any, inv: Any,
     return GpuArch(cc, f"GPU {i} ({name})")
 
 
+def refuse_cell(engine: str, method: Optional[str], arch: Optional[GpuArch], where: str) -> None:
+    """ConfigError when one cell's method (`kvt run`) is one the GPU cannot run (nothing when arch is unknown or
+    the engine does not list the method: its own checks name that)."""
+    if arch is None or not method:
+        return
+    md = load_engine(engine).methods.get(method)
+    why = md.requires.refusal(arch.cc) if md is not None else None
+    if why:
+        raise ConfigError(f"{where}: {engine}/{method} {why.replace('the GPU has', f'{arch.source} has')}; "
+                          f"pick another method or run on a GPU that has it")
+
+
 def refuse_unrunnable(exp: Any, arch: Optional[GpuArch]) -> None:
     """ConfigError naming the first cell whose method the GPU cannot run (nothing when arch is unknown)."""
     if arch is None:
