@@ -3,7 +3,13 @@ against the gold letter (accuracy), and the per-category accuracy table of its `
 
 Extraction (``pred.py`` ``extract_answer``): drop every ``*`` (markdown bold), then the first
 ``The correct answer is (X)``, else the first ``The correct answer is X``, X one of A-D, case-sensitive;
-nothing found is no answer (wrong, flagged ``no_answer_extracted``). ``result.py`` reports
+nothing found is no answer (wrong, flagged ``no_answer_extracted``).
+
+Empty responses (:func:`left_out`): pred.py writes no result for an example whose model output is
+exactly ``''`` (``if output == '': continue``, checked before stripping; with ``--cot`` for the
+reasoning and for the answer request alike), so result.py's accuracy has it in neither numerator nor
+denominator. Here too: such a request gets no score row (``kvt score`` counts it as left out); a
+whitespace-only response is not empty — it is scored, as no answer (0). ``result.py`` reports
 ``round(100 * mean, 1)`` overall, per difficulty and per length split; here also per domain and
 sub-domain, and per token-length bin of the manifest like every other dataset.
 """
@@ -37,6 +43,12 @@ def extract_answer(response: str) -> Optional[str]:
     text = response.replace("*", "")
     m = _PAREN.search(text) or _BARE.search(text)
     return m.group(1) if m else None
+
+
+def left_out(response: str) -> bool:
+    """True for a response pred.py drops instead of judging: exactly empty (an empty reasoning
+    response of the chain-of-thought mode included: no answer request follows it)."""
+    return response == ""
 
 
 def score_v2(prediction: str, answers: Sequence[str]) -> tuple[float, tuple[str, ...]]:
