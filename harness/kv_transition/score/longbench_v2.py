@@ -88,12 +88,13 @@ def accuracy_table(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def load_accuracy_table(conn: sqlite3.Connection, cells: Optional[list[str]] = None) -> list[dict[str, Any]]:
-    """:func:`accuracy_table` over the LongBench v2 scores in an experiment DB."""
+def load_example_rows(conn: sqlite3.Connection, cells: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    """One row per LongBench v2 score in an experiment DB: cell_id, example_id, repeat, bin_id, score and
+    the v2 meta keys of :data:`DIMENSIONS`."""
     import json
 
     q = conn.execute(
-        """SELECT s.cell_id, s.score, m.bin_id, e.meta_json
+        """SELECT s.cell_id, s.example_id, s.repeat, s.score, m.bin_id, e.meta_json
            FROM scores s JOIN requests r USING (request_id)
            JOIN manifest_entries m ON m.dataset_id = r.dataset_id AND m.example_id = r.example_id
            JOIN examples e ON e.dataset_id = r.dataset_id AND e.example_id = r.example_id
@@ -105,6 +106,11 @@ def load_accuracy_table(conn: sqlite3.Connection, cells: Optional[list[str]] = N
         meta = json.loads(r["meta_json"])
         if not is_v2(meta):
             continue
-        rows.append({"cell_id": r["cell_id"], "bin_id": r["bin_id"], "score": r["score"],
-                     **{k: meta.get(k) for k, _d in DIMENSIONS}})
-    return accuracy_table(rows)
+        rows.append({"cell_id": r["cell_id"], "example_id": r["example_id"], "repeat": r["repeat"],
+                     "bin_id": r["bin_id"], "score": r["score"], **{k: meta.get(k) for k, _d in DIMENSIONS}})
+    return rows
+
+
+def load_accuracy_table(conn: sqlite3.Connection, cells: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    """:func:`accuracy_table` over the LongBench v2 scores in an experiment DB."""
+    return accuracy_table(load_example_rows(conn, cells))
