@@ -84,7 +84,10 @@ def followups(cfg: Config, paths: Paths) -> dict[str, dict[str, Any]]:
     if cfg.dataset.source == "longbench_v2" and cfg.dataset.longbench_v2.cot:
         from kv_transition.datasets import longbench_v2
 
-        return {longbench_v2.TASK: longbench_v2.followup(cfg.dataset.longbench_v2.prompt_config, paths.data_root)}
+        fu = longbench_v2.followup(cfg.dataset.longbench_v2.prompt_config, paths.data_root)
+        if isinstance(cfg.decoding.max_new_tokens, int):  # an explicit budget overrides every request's
+            fu["max_new_tokens"] = cfg.decoding.max_new_tokens
+        return {longbench_v2.TASK: fu}
     return {}
 
 

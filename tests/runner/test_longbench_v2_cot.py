@@ -58,6 +58,10 @@ def test_manifest_carries_the_answer_template(project, smol_tokenizer):
     assert fu["max_new_tokens"] == 128 and fu["file"] == "0shot_cot_ans.txt" and fu["chat"] is True
     assert "{cot}" in fu["template"] and "$" not in fu["template"] and "{context}" not in fu["template"]
     assert {e["max_new_tokens"] for e in man["entries"]} == {1024}
+    cfg_o = load_config(cfg_file, ["decoding.max_new_tokens=32"])  # an explicit budget is both requests'
+    from kv_transition.prepare import followups
+
+    assert followups(cfg_o, resolve_paths(cfg_o))["longbench_v2"]["max_new_tokens"] == 32
     # without cot the manifest has no followups key (one-request manifests keep their content hash)
     cfg2 = _cot_config(project, dataset={"source": "longbench_v2", "longbench_v2": {
         "path": str(project / "lb2" / "data.json"), "prompt_config": {"path": str(project / "lb2" / "prompts")}}})
@@ -94,7 +98,7 @@ def test_cot_two_requests_end_to_end_on_the_real_kvpress_engine(project, smol_to
         pytest.skip(why)
     monkeypatch.delenv("KVT_ENGINES_DIR", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg_file = _cot_config(project, decoding={"max_new_tokens": 24})  # the reasoning budget, kept short on CPU
+    cfg_file = _cot_config(project, decoding={"max_new_tokens": 24})  # both budgets, kept short on CPU
     assert main(["prepare", "-q", "-c", str(cfg_file)]) == 0
     assert main(["run", "-q", "-c", str(cfg_file), "--method", "snapkv", "--ratio", "0.5"]) == 0
     paths = resolve_paths(load_config(cfg_file))
