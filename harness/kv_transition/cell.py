@@ -702,6 +702,8 @@ def cell_summary(db_path: Any, res: CellResult) -> dict[str, Any]:
             "SELECT p.ttft_s, p.tpot_s, p.e2e_s, p.cache_flag, p.token_source FROM responses p"
             " JOIN requests q USING(request_id) WHERE q.cell_id = ?", (res.cell_id,)).fetchall()
         attempts = conn.execute("SELECT COUNT(*), SUM(ok = 0) FROM attempts WHERE run_id = ?", (res.run_id,)).fetchone()
+        n_followups = conn.execute("SELECT COUNT(*) FROM followups f JOIN requests q USING(request_id)"
+                                   " WHERE q.cell_id = ?", (res.cell_id,)).fetchone()[0]
     finally:
         conn.close()
     st = res.stats
@@ -717,6 +719,8 @@ def cell_summary(db_path: Any, res: CellResult) -> dict[str, Any]:
         "output_tokens_per_s": (st.completion_tokens / st.elapsed_s) if st and st.elapsed_s > 0 else None,
         "run_id": res.run_id, "log": res.log_path,
     }
+    if n_followups:  # two-request examples (LongBench v2 cot): the latencies below are the first request's
+        out["follow-up requests"] = f"{n_followups} answered (followups; scored; latencies below: the first requests)"
     flagged = sum(1 for r in lat if r[3])
     if flagged:
         out["cache-served (left out of latency)"] = f"{flagged}/{len(lat)} responses (responses.cache_flag)"
