@@ -327,6 +327,43 @@ def _prepare_rows(conn: Any, cfg: Config, spec: ResolvedSpec, cell_id: str, inpu
     return run_id, items
 
 
+def _followup_builder(cfg: Config, paths: Paths, manifest: dict[str, Any]) -> Any:
+    """The prompt builder of follow-up requests (the manifest's tokenizer), when the manifest has
+    two-request examples (`followups`, e.g. LongBench v2 with cot); else None."""
+    fus = manifest.get("followups") or {}
+    if not any(e["task"] in fus for e in manifest["entries"]):
+        return None
+    from kv_transition.prompts import PromptBuilder
+    from kv_transition.tokens import load_tokenizer
+
+    tok = load_tokenizer(cfg.model.tokenizer, paths.tokenizer_cache)
+    if manifest.get("tokenizer") and tok.info() != manifest["tokenizer"]:
+        raise ConfigError(f"model.tokenizer: {tok.info()} is not the tokenizer that prepared {paths.dataset_id} "
+                          f"({manifest['tokenizer']}); run `kvt prepare` again")
+    return PromptBuilder(tok, cfg.model.max_context, use_chat=cfg.model.chat_template)
+
+
+def _attach_followups(conn: Any, cfg: Config, spec: ResolvedSpec, manifest: dict[str, Any], cell_id: str,
+                      items: list[WorkItem], builder: Any) -> None:
+    """Give each item of a two-request example its follow-up builder and, when an earlier run recorded
+    the first response, that text (only the follow-up is sent then)."""
+    from kv_transition.datasets.schema import Example
+    from kv_transition.runner.followup import make_followup
+
+    fus = manifest.get("followups") or {}
+    entries = {e["example_id"]: e for e in manifest["entries"]}
+    todo = [it for it in items if entries[it.example_id]["task"] in fus]
+    exs = {e["example_id"]: Example.from_dict(e) for e in manifest["examples"]}
+    prior = {r[0]: (r[1], int(r[2])) for r in conn.execute(
+        "SELECT q.request_id, p.text, (SELECT COUNT(*) FROM attempts a WHERE a.request_id = q.request_id"
+        " AND a.step = 2) FROM requests q LEFT JOIN responses p USING (request_id)"
+        " WHERE q.cell_id = ? AND q.status != 'ok'", (cell_id,))}
+    for it in todo:
+        it.followup = make_followup(it, exs[it.example_id], fus[entries[it.example_id]["task"]], builder,
+                                    lambda e: request_body(e, spec, cfg))
+        it.first_text, it.followup_attempts_before = prior.get(it.request_id, (None, 0))
+
+
 def _finish(conn: Any, cell_id: str, run_id: int, status: str, reason: Optional[str], n_todo: int,
             stats: Optional[RunStats], repeats: int, run_status: Optional[str] = None) -> tuple[int, int, int]:
     """Close the cell and the run. The run's counters count what this run STORED (attempts and
@@ -476,7 +513,10 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
         from kv_transition.db.stale import close_stale_runs
 
         close_stale_runs(conn)  # runs of killed harnesses end `killed`, never `running` forever
+        builder = _followup_builder(cfg, paths, manifest)  # before any row: a wrong tokenizer is exit 2
         run_id, items = _prepare_rows(conn, cfg, spec, cell_id, inputs, paths.dataset_id, entries, rt_name)
+        if builder is not None:
+            _attach_followups(conn, cfg, spec, manifest, cell_id, items, builder)
         repeats = cfg.decoding.repeats
         n_todo = len(items)
         log_path = paths.logs_dir / f"{cell_id}.log"
@@ -662,6 +702,8 @@ def cell_summary(db_path: Any, res: CellResult) -> dict[str, Any]:
             "SELECT p.ttft_s, p.tpot_s, p.e2e_s, p.cache_flag, p.token_source FROM responses p"
             " JOIN requests q USING(request_id) WHERE q.cell_id = ?", (res.cell_id,)).fetchall()
         attempts = conn.execute("SELECT COUNT(*), SUM(ok = 0) FROM attempts WHERE run_id = ?", (res.run_id,)).fetchone()
+        n_followups = conn.execute("SELECT COUNT(*) FROM followups f JOIN requests q USING(request_id)"
+                                   " WHERE q.cell_id = ?", (res.cell_id,)).fetchone()[0]
     finally:
         conn.close()
     st = res.stats
@@ -677,6 +719,8 @@ def cell_summary(db_path: Any, res: CellResult) -> dict[str, Any]:
         "output_tokens_per_s": (st.completion_tokens / st.elapsed_s) if st and st.elapsed_s > 0 else None,
         "run_id": res.run_id, "log": res.log_path,
     }
+    if n_followups:  # two-request examples (LongBench v2 cot): the latencies below are the first request's
+        out["follow-up requests"] = f"{n_followups} answered (followups; scored; latencies below: the first requests)"
     flagged = sum(1 for r in lat if r[3])
     if flagged:
         out["cache-served (left out of latency)"] = f"{flagged}/{len(lat)} responses (responses.cache_flag)"

@@ -296,7 +296,9 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     rep = score_stage(paths, force=args.force, quiet=args.quiet)
     console.print(f"scored {rep.scored} response(s), {rep.skipped} already scored by {rep.version}"
-                  + (f"; {rep.flagged} flagged (see scores.flags_json)" if rep.flagged else ""))
+                  + (f"; {rep.flagged} flagged (see scores.flags_json)" if rep.flagged else "")
+                  + (f"; {rep.empty} empty LongBench v2 response(s) left out of accuracy, as its pred.py drops them"
+                     if rep.empty else ""))
     _print_v2_accuracy(paths, console)
     return 0
 

@@ -78,6 +78,19 @@ def prompt_specs(cfg: Config, paths: Paths, examples: Sequence[Example]) -> dict
     return specs
 
 
+def followups(cfg: Config, paths: Paths) -> dict[str, dict[str, Any]]:
+    """Per task, the second request an example asks for once its first response is in (LongBench v2 with
+    ``cot: true``: pred.py --cot's 0shot_cot_ans request carrying the reasoning), or {} (one request each)."""
+    if cfg.dataset.source == "longbench_v2" and cfg.dataset.longbench_v2.cot:
+        from kv_transition.datasets import longbench_v2
+
+        fu = longbench_v2.followup(cfg.dataset.longbench_v2.prompt_config, paths.data_root)
+        if isinstance(cfg.decoding.max_new_tokens, int):  # an explicit budget overrides every request's
+            fu["max_new_tokens"] = cfg.decoding.max_new_tokens
+        return {longbench_v2.TASK: fu}
+    return {}
+
+
 def _provenance(cfg: Config, paths: Paths) -> list[dict[str, Any]]:
     from kv_transition.datasets import provenance
 
@@ -105,6 +118,7 @@ def build_manifest(
     cfg: Config, paths: Paths, tok: Tokenizer, examples: list[Example], progress: Progress = _noop
 ) -> dict[str, Any]:
     specs = prompt_specs(cfg, paths, examples)
+    second = followups(cfg, paths)
     builder = PromptBuilder(tok, cfg.model.max_context, use_chat=cfg.model.chat_template)
     built: list[BuiltPrompt] = []
     chunk = 256
@@ -153,6 +167,8 @@ def build_manifest(
         "entries": entries,
         "examples": [by_id[i][0].to_dict() for i in sorted(chosen_ids)],
     }
+    if second:  # only then: manifests of one-request datasets keep their content hash
+        manifest["followups"] = second
     return seal(manifest)
 
 

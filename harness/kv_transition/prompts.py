@@ -139,6 +139,32 @@ class PromptBuilder:
             keep -= n - limit  # decode/re-encode drift: shrink by the overshoot and retry
         raise DataError(f"example {ex.example_id} ({ex.task}): cannot fit the prompt into {limit} tokens")
 
+    def build_followup(self, ex: Example, template: str, first: str, max_new_tokens: int, chat: bool) -> BuiltPrompt:
+        """The second request of a two-request example (LongBench v2 --cot): ``template`` filled like the
+        first prompt, then ``{cot}`` replaced by the first response (last, as pred.py does, so the response
+        goes in verbatim), chat-templated and middle-truncated to max_context like any prompt (pred.py's
+        query_llm truncates every prompt). ``question_start``: where the text after ``{context}`` starts,
+        or, without a ``{context}`` (the real 0shot_cot_ans), the text after ``{cot}``."""
+        spec = PromptSpec(template=template, max_new_tokens=max_new_tokens, chat=chat)
+        chat = chat and self.use_chat
+        limit = self.max_context - max_new_tokens
+        if limit <= 0:
+            raise DataError(f"task {ex.task}: max_new_tokens {max_new_tokens} leaves no room in max_context "
+                            f"{self.max_context}")
+        raw = fill(template, ex).replace("{cot}", first)
+        prompt = self._final(raw, chat)
+        n = original = self._count(prompt, chat)
+        truncated = n > limit
+        if truncated:
+            prompt, n = self._truncate(raw, chat, n, limit, ex)
+        anchor = "{context}" if "{context}" in template else "{cot}"
+        suffix = _choices(template[template.find(anchor) + len(anchor):].replace("{input}", ex.question), ex)
+        suffix = suffix.replace("{context}", ex.context).replace("{cot}", first)
+        qs = prompt.rfind(suffix) if anchor in template and suffix.strip() else -1
+        return BuiltPrompt(prompt=prompt, chat=chat, add_special_tokens=not chat, original_tokens=original,
+                           final_tokens=n, truncated=truncated, max_new_tokens=spec.max_new_tokens,
+                           question_start=qs if qs >= 0 else None)
+
     def build_all(self, examples: Sequence[Example], specs: dict[str, PromptSpec]) -> list[BuiltPrompt]:
         """Batch path: one batched tokenization of all untruncated final prompts."""
         finals: list[str] = []

@@ -79,14 +79,14 @@ class LongBenchV2PromptSource(Strict):
     """Where LongBench v2's prompt templates come from at prepare time."""
 
     url: str = LONGBENCH_V2_PROMPTS_URL
-    path: Optional[str] = None  # local directory holding 0shot.txt / 0shot_cot.txt; wins over url
+    path: Optional[str] = None  # local directory holding 0shot.txt / 0shot_cot.txt / 0shot_cot_ans.txt; wins over url
 
 
 class LongBenchV2Cfg(Strict):
     url: str = LONGBENCH_V2_URL  # data.json, downloaded once into <data_root>/raw/longbench_v2/
     path: Optional[str] = None  # a local data.json (JSON list) or .jsonl in the same fields; wins over url
     sha256: Optional[str] = None  # expected sha256 of the data file; null = record only
-    cot: bool = False  # chain-of-thought prompt (0shot_cot.txt, 1024 new tokens) instead of 0shot.txt (128)
+    cot: bool = False  # pred.py --cot: 0shot_cot.txt (1024 new tokens), then 0shot_cot_ans.txt (128) with its response
     domains: list[str] = Field(default_factory=list)  # keep only these domains; [] = all
     lengths: list[Literal["short", "medium", "long"]] = Field(default_factory=list)  # [] = all
     difficulties: list[Literal["easy", "hard"]] = Field(default_factory=list)  # [] = all

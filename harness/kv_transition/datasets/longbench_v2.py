@@ -12,10 +12,13 @@ like LongBench v2's pred.py strips them; the choices are in ``meta["choices"]`` 
 ``{choice_A}`` … ``{choice_D}``; ``answers`` is ``[answer]``. The category fields go into meta, where
 scoring (accuracy per domain, sub-domain, difficulty and length split) reads them.
 
-The prompt templates are LongBench v2's own files (``prompts/0shot.txt``, ``prompts/0shot_cot.txt``),
-fetched from ``prompt_config.url`` at prepare time and cached, or read from ``prompt_config.path``;
-their ``$DOC$ $Q$ $C_A$ … $C_D$`` placeholders become ``{context} {input} {choice_A} … {choice_D}``.
-Generation budgets are pred.py's: 128 new tokens, 1024 with chain-of-thought.
+The prompt templates are LongBench v2's own files (``prompts/0shot.txt``, ``prompts/0shot_cot.txt``,
+``prompts/0shot_cot_ans.txt``), fetched from ``prompt_config.url`` at prepare time and cached, or read
+from ``prompt_config.path``; their ``$DOC$ $Q$ $C_A$ … $C_D$ $COT$`` placeholders become
+``{context} {input} {choice_A} … {choice_D} {cot}``. Generation budgets are pred.py's: 128 new tokens;
+with chain-of-thought (``pred.py --cot``) 1024 for the reasoning request, then a second request with
+``0shot_cot_ans.txt`` (the question, the choices and the reasoning, stripped, in ``$COT$``; the real file
+has no ``$DOC$``) and 128 new tokens, whose response is the one scored.
 """
 
 from __future__ import annotations
@@ -47,11 +50,14 @@ DOMAINS = (
 
 PROMPT_FILE = "0shot.txt"
 PROMPT_FILE_COT = "0shot_cot.txt"
+PROMPT_FILE_COT_ANS = "0shot_cot_ans.txt"
 MAX_NEW_TOKENS = 128  # pred.py: query_llm(..., max_new_tokens=128)
 MAX_NEW_TOKENS_COT = 1024  # pred.py --cot: the reasoning pass
-#: LongBench v2's placeholders → the harness's (prompts.fill)
+MAX_NEW_TOKENS_COT_ANS = 128  # pred.py --cot: the answer pass (0shot_cot_ans.txt)
+#: LongBench v2's placeholders → the harness's (prompts.fill); $COT$ only in 0shot_cot_ans.txt
 PLACEHOLDERS = (("$DOC$", "{context}"), ("$Q$", "{input}"), ("$C_A$", "{choice_A}"),
                 ("$C_B$", "{choice_B}"), ("$C_C$", "{choice_C}"), ("$C_D$", "{choice_D}"))
+COT_PLACEHOLDER = ("$COT$", "{cot}")
 
 
 def _raw_dir(data_root: Path) -> Path:
@@ -194,27 +200,40 @@ def provenance(cfg: LongBenchV2Cfg, data_root: Path) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 
 
-def to_template(text: str, where: str) -> str:
-    """A LongBench v2 template ($DOC$ $Q$ $C_A$…) in the harness's placeholders."""
-    missing = [old for old, _new in PLACEHOLDERS if old not in text]
+def to_template(text: str, where: str, *, answer: bool = False) -> str:
+    """A LongBench v2 template ($DOC$ $Q$ $C_A$…) in the harness's placeholders. ``answer``: the
+    0shot_cot_ans template, which needs $COT$ and may leave $DOC$ out (the real one does)."""
+    required = [old for old, _new in PLACEHOLDERS if not (answer and old == "$DOC$")]
+    if answer:
+        required.append(COT_PLACEHOLDER[0])
+    missing = [old for old in required if old not in text]
     if missing:
         raise DataError(f"{where}: LongBench v2 template without {', '.join(missing)}")
-    for old, new in PLACEHOLDERS:
+    if not answer and COT_PLACEHOLDER[0] in text:
+        raise DataError(f"{where}: $COT$ belongs in {PROMPT_FILE_COT_ANS} only")
+    for old, new in PLACEHOLDERS + ((COT_PLACEHOLDER,) if answer else ()):
         text = text.replace(old, new)
     return text
 
 
-def load_template(pc: LongBenchV2PromptSource, data_root: Path, cot: bool, *, timeout: float = 20.0) -> str:
-    """The 0shot (or 0shot_cot) template, from ``pc.path``, the cache of an earlier fetch from the same
-    URL, or fetched from ``<pc.url>/<file>`` and cached under ``<data_root>/raw/longbench_v2/prompts/``."""
-    name = PROMPT_FILE_COT if cot else PROMPT_FILE
+def load_answer_template(pc: LongBenchV2PromptSource, data_root: Path, *, timeout: float = 20.0) -> str:
+    """The 0shot_cot_ans template of pred.py --cot's second request (``{cot}`` = the first response)."""
+    return load_template(pc, data_root, cot=True, timeout=timeout, name=PROMPT_FILE_COT_ANS)
+
+
+def load_template(pc: LongBenchV2PromptSource, data_root: Path, cot: bool, *, timeout: float = 20.0,
+                  name: Optional[str] = None) -> str:
+    """The 0shot (or 0shot_cot, or ``name``) template, from ``pc.path``, the cache of an earlier fetch from
+    the same URL, or fetched from ``<pc.url>/<file>`` and cached under ``<data_root>/raw/longbench_v2/prompts/``."""
+    name = name or (PROMPT_FILE_COT if cot else PROMPT_FILE)
+    answer = name == PROMPT_FILE_COT_ANS
     if pc.path:
         d = Path(pc.path)
         if not d.is_dir():
             raise DataError(f"dataset.longbench_v2.prompt_config.path {pc.path!r}: directory not found")
         f = d / name
         try:
-            return to_template(f.read_text(encoding="utf-8"), str(f))
+            return to_template(f.read_text(encoding="utf-8"), str(f), answer=answer)
         except FileNotFoundError:
             raise DataError(f"{f}: file not found (LongBench v2's prompts/{name})") from None
         except (OSError, UnicodeDecodeError) as e:
@@ -223,7 +242,7 @@ def load_template(pc: LongBenchV2PromptSource, data_root: Path, cot: bool, *, ti
     cache = _raw_dir(Path(data_root)) / "prompts" / hashlib.sha256(url.encode()).hexdigest()[:12]
     cached = cache / name
     if cached.is_file():
-        return to_template(cached.read_text(encoding="utf-8"), str(cached))
+        return to_template(cached.read_text(encoding="utf-8"), str(cached), answer=answer)
     import httpx
 
     try:
@@ -234,9 +253,9 @@ def load_template(pc: LongBenchV2PromptSource, data_root: Path, cot: bool, *, ti
         raise DataError(
             f"cannot fetch LongBench v2 prompt template {url}/{name} ({type(e).__name__}: {' '.join(str(e).split())}) "
             f"and no cached copy under {cache}; set dataset.longbench_v2.prompt_config.path to a local "
-            f"directory holding {PROMPT_FILE} and {PROMPT_FILE_COT} (LongBench's prompts/)"
+            f"directory holding {PROMPT_FILE}, {PROMPT_FILE_COT} and {PROMPT_FILE_COT_ANS} (LongBench's prompts/)"
         ) from None
-    template = to_template(text, f"{url}/{name}")
+    template = to_template(text, f"{url}/{name}", answer=answer)
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache, prefix=".part-")
     with os.fdopen(fd, "wb") as fh:
@@ -247,3 +266,10 @@ def load_template(pc: LongBenchV2PromptSource, data_root: Path, cot: bool, *, ti
 
 def max_new_tokens(cot: bool) -> int:
     return MAX_NEW_TOKENS_COT if cot else MAX_NEW_TOKENS
+
+
+def followup(pc: LongBenchV2PromptSource, data_root: Path) -> dict[str, Any]:
+    """The manifest's description of pred.py --cot's second request for this task: the 0shot_cot_ans
+    template (``{cot}`` = the first response, stripped), its budget, chat template on."""
+    return {"template": load_answer_template(pc, data_root), "max_new_tokens": MAX_NEW_TOKENS_COT_ANS,
+            "chat": True, "file": PROMPT_FILE_COT_ANS, "strip": True, "skip_empty": True}

@@ -400,6 +400,42 @@ MIGRATIONS.append(
 
 MIGRATIONS.append(
     (
+        11,
+        "follow-up requests: the second request of a two-request example (LongBench v2 chain of thought)",
+        """
+        CREATE TABLE followups (
+            request_id        INTEGER PRIMARY KEY REFERENCES requests(request_id),
+            attempt_no        INTEGER NOT NULL,    -- the attempts row (step 2) that produced it
+            run_id            INTEGER NOT NULL REFERENCES runs(run_id),
+            prompt            TEXT NOT NULL,       -- the follow-up prompt as sent (built from responses.text)
+            prompt_truncated  INTEGER NOT NULL,
+            text              TEXT NOT NULL,
+            finish_reason     TEXT,
+            prompt_tokens     INTEGER,
+            completion_tokens INTEGER,
+            total_tokens      INTEGER,
+            ttft_s            REAL,
+            tpot_s            REAL,
+            e2e_s             REAL NOT NULL,
+            itl_json          TEXT NOT NULL,
+            n_chunks          INTEGER NOT NULL,
+            kv_applied_json   TEXT,
+            streamed          INTEGER NOT NULL,
+            created_at        TEXT NOT NULL,
+            cached_tokens     INTEGER,
+            cached_source     TEXT,
+            cache_bust        TEXT,
+            cache_flag        TEXT,
+            token_source      TEXT
+        );
+        CREATE INDEX followups_run ON followups(run_id);
+        ALTER TABLE attempts ADD COLUMN step INTEGER NOT NULL DEFAULT 1;  -- 1: the manifest prompt, 2: its follow-up
+        """,
+    )
+)
+
+MIGRATIONS.append(
+    (
         12,
         "analysis_bins: the engine's KV-bytes gauge apart from its KV-usage fraction",
         """

@@ -47,9 +47,16 @@ def process_alive(pid: int, started_at: str) -> bool:
 
 
 def stored_counts(conn: sqlite3.Connection, run_id: int) -> dict[str, int]:
-    """What one run really stored: requests it sent (any attempt), answers kept, requests it failed."""
+    """What one run really stored: requests it sent (any attempt), answers kept (a two-request example
+    counts once, in the run that stored its last response), requests it failed."""
     n_sent = conn.execute("SELECT COUNT(DISTINCT request_id) FROM attempts WHERE run_id=?", (run_id,)).fetchone()[0]
-    n_ok = conn.execute("SELECT COUNT(*) FROM responses WHERE run_id=?", (run_id,)).fetchone()[0]
+    if _has(conn, "followups"):  # a two-request example is answered by its follow-up's response
+        n_ok = conn.execute(
+            "SELECT (SELECT COUNT(*) FROM responses p JOIN requests q USING (request_id) WHERE p.run_id=?"
+            " AND q.status='ok' AND p.request_id NOT IN (SELECT request_id FROM followups))"
+            " + (SELECT COUNT(*) FROM followups WHERE run_id=?)", (run_id, run_id)).fetchone()[0]
+    else:
+        n_ok = conn.execute("SELECT COUNT(*) FROM responses WHERE run_id=?", (run_id,)).fetchone()[0]
     n_failed = conn.execute(
         "SELECT COUNT(*) FROM requests q WHERE q.status='failed' AND q.request_id IN"
         " (SELECT request_id FROM attempts WHERE run_id=?)", (run_id,)).fetchone()[0]

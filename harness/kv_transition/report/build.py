@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from kv_transition.report import longbench_v2 as lbv2
 from kv_transition.report import plots
 from kv_transition.report.data import ReportData, bin_value
 
@@ -36,7 +37,7 @@ TASK_COLUMNS = ("cell", "engine", "method", "compression_ratio", "budget", "kv_d
 PROVENANCE_COLUMNS = ("cell", "status", "n_ok", "n_requests", "image", "runtime", "args", "attention_backend", "model",
                       "model_revision", "scope", "dtype", "kv_dtype", "git_sha", "config_hash")
 FIGURE_NAMES = ("heatmap.png", "transition_vs_budget.png", "score_small_multiples.png", "memory_pareto.png",
-                "task_heatmap.png", "latency_vs_length.png",
+                "task_heatmap.png", "latency_vs_length.png", "longbench_v2_breakdown.png",
                 # names of the first report's figures, removed when a report is rewritten
                 "score_vs_length.png", "relative_vs_length.png", "memory_vs_accuracy.png")
 
@@ -187,7 +188,7 @@ def _md_table(head: list[str], rows: Iterable[list[str]]) -> list[str]:
     return out + [""]
 
 
-def _markdown(data: ReportData, summ: list[dict[str, Any]], pngs: list[Path]) -> str:
+def _markdown(data: ReportData, summ: list[dict[str, Any]], pngs: list[Path], v2_chart: Optional[Path] = None) -> str:
     bl = [b["label"] for b in data.bins]
     lines = [f"# kv-transition report — {data.group_id}", "", data.experiment_name, "",
              f"Dataset `{data.dataset.get('dataset_id', '')}` ({data.dataset.get('source', '')}), "
@@ -209,6 +210,10 @@ def _markdown(data: ReportData, summ: list[dict[str, Any]], pngs: list[Path]) ->
     if data.longbench:
         lines += ["## LongBench (×100, as LongBench's eval.py)", ""]
         lines += _longbench_md(data)
+    if data.v2:
+        lines += lbv2.markdown(data)
+        if v2_chart is not None:
+            lines += [f"![LongBench v2 breakdown]({v2_chart.name})", ""]
     if len(data.tasks) > 1:
         lines += ["## Per-task transitions", ""]
         lines += _md_table(["cell"] + data.tasks,
@@ -222,7 +227,8 @@ def _markdown(data: ReportData, summ: list[dict[str, Any]], pngs: list[Path]) ->
                          + (f" / kv {c['kv_dtype']}" if c.get("kv_dtype") else ""),
                          str(c["provenance"]["git_sha"] or "–"), str(c["provenance"]["config_hash"])[:19]]
                         for c in data.ordered_cells()])
-    lines += ["Tables: `bins.csv`, `transitions.csv`, `tasks.csv`, `provenance.csv` (and `.parquet`).", ""]
+    lines += ["Tables: `bins.csv`, `transitions.csv`, `tasks.csv`, `provenance.csv`"
+              + (", `longbench_v2.csv`" if data.v2 else "") + " (and `.parquet`).", ""]
     return "\n".join(lines)
 
 
@@ -285,7 +291,7 @@ _CAPTIONS = {
 
 
 def _html(data: ReportData, summ: list[dict[str, Any]], bins_rows: list[dict[str, Any]], pngs: list[Path],
-          heat_svg: str) -> str:
+          heat_svg: str, v2_chart: Optional[Path] = None) -> str:
     e = html.escape
     by_name = {p.name: p for p in pngs}
     bl = [b["label"] for b in data.bins]
@@ -325,6 +331,8 @@ def _html(data: ReportData, summ: list[dict[str, Any]], bins_rows: list[dict[str
                          _img(by_name["memory_pareto.png"], _CAPTIONS["memory_pareto.png"]) + note))
     if len(data.tasks) > 1 or data.longbench:
         sections.append(("tasks", "Per task" if len(data.tasks) > 1 else "LongBench", _tasks_html(data, by_name)))
+    if data.v2:
+        sections.append(("longbench-v2", "LongBench v2 by category", lbv2.html_section(data, v2_chart)))
     if "latency_vs_length.png" in by_name:
         sections.append(("latency", "Latency", _img(by_name["latency_vs_length.png"], _CAPTIONS["latency_vs_length.png"])))
     cols = ("bin_label", "n", "mean", "ci_lo", "ci_hi", "mean_tokens", "rel", "rel_ci_lo", "rel_ci_hi",
@@ -467,14 +475,17 @@ def write_report(data: ReportData, out: Path) -> ReportFiles:
         brow, trow, krow, prow = bin_table_rows(data), transition_rows(data), task_rows(data), provenance_rows(data)
         tables = (("bins", brow, BIN_COLUMNS), ("transitions", trow, TRANSITION_COLUMNS), ("tasks", krow, TASK_COLUMNS),
                   ("provenance", prow, PROVENANCE_COLUMNS))
+        if data.v2:
+            tables += (("longbench_v2", lbv2.csv_rows(data), lbv2.CSV_COLUMNS),)
+        v2_chart = lbv2.chart(data, tmp)
         csvs = [_write_csv(tmp / f"{name}.csv", cols, rows) for name, rows, cols in tables]
         for name, rows, cols in tables:
             p = _write_parquet(tmp / f"{name}.parquet", rows, cols)
             if p:
                 csvs.append(p)
         summ = summary_rows(data)
-        (tmp / "report.md").write_text(_markdown(data, summ, pngs), encoding="utf-8")
-        (tmp / "index.html").write_text(_html(data, summ, brow, pngs, heat_svg), encoding="utf-8")
+        (tmp / "report.md").write_text(_markdown(data, summ, pngs, v2_chart), encoding="utf-8")
+        (tmp / "index.html").write_text(_html(data, summ, brow, pngs, heat_svg, v2_chart), encoding="utf-8")
         produced = {p.name for p in tmp.iterdir()}
         for name in FIGURE_NAMES:
             if name not in produced and (out / name).exists():
@@ -483,6 +494,8 @@ def write_report(data: ReportData, out: Path) -> ReportFiles:
             os.replace(p, out / p.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if v2_chart is not None:
+        pngs = [*pngs, v2_chart]
     return ReportFiles(out, out / "index.html", out / "report.md", [out / p.name for p in pngs],
                        [out / p.name for p in csvs])
 

@@ -86,6 +86,7 @@ class ReportData:
     longbench: dict[str, dict[str, Any]] = field(default_factory=dict)
     memory: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
     db_path: str = ""
+    v2: dict[str, Any] = field(default_factory=dict)  # LongBench v2 breakdown (report/longbench_v2.py); {} if none
 
     def ordered_cells(self) -> list[dict[str, Any]]:
         """engine → baseline first → method → ratio/budget/dtype → scope."""
@@ -269,6 +270,9 @@ def load_report_data(conn: sqlite3.Connection, *, n_boot: int = 1000, seed: int 
                       tasks=tasks, task_stats=task_stats, task_transitions=task_trans,
                       longbench=breakdown.longbench_summary(ex), db_path=db_path)
     data.memory = _memory(conn, cells, stats)
+    from kv_transition.report import longbench_v2
+
+    data.v2 = longbench_v2.load(conn, sorted(known), base_of)
     for c in cells:
         if not c["provenance"]["attention_backend"]:
             attn = sorted({a for m in data.memory.get(c["cell_id"], {}).values() for a in m["attn"]})

@@ -6,11 +6,11 @@
     writer.close()
 """
 
-from kv_transition.runner.core import Counters, RunnerOptions, Runner, RunStats, WorkItem
+from kv_transition.runner.core import Counters, FollowupRequest, RunnerOptions, Runner, RunStats, WorkItem
 from kv_transition.runner.stream import AttemptError, Completion, SSEDecoder, StreamAccumulator, tpot
 from kv_transition.runner.writer import DbWriter, WriterError
 
 __all__ = [
     "AttemptError", "Completion", "Counters", "DbWriter", "RunStats", "Runner", "RunnerOptions", "SSEDecoder",
-    "StreamAccumulator", "WorkItem", "WriterError", "tpot",
+    "FollowupRequest", "StreamAccumulator", "WorkItem", "WriterError", "tpot",
 ]

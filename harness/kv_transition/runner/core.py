@@ -22,6 +22,15 @@ from kv_transition.runner.writer import DbWriter
 
 
 @dataclass
+class FollowupRequest:
+    """The second request of a two-request example, built from the first response's text."""
+    body: dict[str, Any]
+    prompt: str
+    prompt_tokens: Optional[int] = None  # the harness tokenizer's count of `prompt`
+    truncated: bool = False
+
+
+@dataclass
 class WorkItem:
     request_id: int
     example_id: str
@@ -29,6 +38,19 @@ class WorkItem:
     body: dict[str, Any]
     attempts_before: int = 0  # attempts recorded by earlier runs (attempt_no continues from here)
     prompt_tokens: Optional[int] = None  # the harness tokenizer's count of the prompt (manifest final_tokens)
+    # a two-request example (LongBench v2 chain of thought): first response text → the follow-up request
+    # (None: nothing more to send, e.g. an empty first response); its response goes to `followups`
+    followup: Optional[Callable[[str], Optional[FollowupRequest]]] = None
+    first_text: Optional[str] = None  # the first response, recorded by an earlier run: send only the follow-up
+    followup_attempts_before: int = 0  # step-2 attempts recorded by earlier runs
+
+
+@dataclass
+class _ItemState:
+    n: int                 # the item's last attempt_no (continues across steps and runs)
+    step: int = 1
+    resent: bool = False   # of the last successful attempt
+    busted: bool = False
 
 
 #: attempt errors where the server's side of the story is in its log
@@ -211,57 +233,91 @@ class Runner:
             await self._do(client, item)
 
     async def _do(self, client: httpx.AsyncClient, item: WorkItem) -> None:
-        o = self.opts
-        n = item.attempts_before
+        """One work item: its request, then — for a two-request example — its follow-up, built from the
+        first response (recorded first, so a run killed in between sends only the follow-up next time).
+        The request becomes `ok` when its last request has its response."""
+        st = _ItemState(n=item.attempts_before)
         try:
-            # the first attempt runs outside tenacity (its per-iteration machinery costs ~0.1 ms):
-            # most requests succeed first time; a failure is replayed into tenacity as its attempt 1
-            first_err: Optional[AttemptError] = None
-            if self._abort_reason is not None:
-                raise Aborted(self._abort_reason)
-            n += 1
-            try:
-                await self._attempt(client, item, n)
-                return
-            except AttemptError as e:
-                if not e.retryable or o.max_retries == 0:
-                    raise
-                first_err = e
-            retrying = AsyncRetrying(
-                stop=stop_after_attempt(o.max_retries + 1),
-                wait=wait_exponential_jitter(multiplier=o.backoff_s, max=o.backoff_max_s, jitter=o.backoff_s),
-                retry=retry_if_exception(_retryable), reraise=True,
-            )
-            async for attempt in retrying:
-                with attempt:
-                    if first_err is not None:
-                        err, first_err = first_err, None
-                        raise err
-                    if self._abort_reason is not None:
-                        raise Aborted(self._abort_reason)
-                    self.counters.retries += 1
-                    n += 1
-                    await self._attempt(client, item, n)
+            if item.followup is None or item.first_text is None:
+                res = await self._send(client, item, 1, item.body, item.prompt_tokens, st,
+                                       item.attempts_before - item.followup_attempts_before)
+                self._record_response(item, st.n, res, st.resent, st.busted, "responses", item.prompt_tokens)
+                first = res.text
+            else:
+                first = item.first_text
+            if item.followup is not None:
+                st.step = 2
+                try:
+                    fu = item.followup(first)
+                except Exception as e:  # noqa: BLE001 - e.g. a follow-up prompt that cannot fit max_context
+                    raise AttemptError("followup", f"cannot build the follow-up request: {e}", retryable=False) from None
+                if fu is not None:  # None: nothing to ask (an empty first response: pred.py skips the example)
+                    res = await self._send(client, item, 2, fu.body, fu.prompt_tokens, st, item.followup_attempts_before)
+                    self._record_response(item, st.n, res, st.resent, st.busted, "followups", fu.prompt_tokens,
+                                          {"prompt": fu.prompt, "prompt_truncated": int(fu.truncated)})
+            self.counters.ok += 1
+            self.writer.update("requests", "request_id", {
+                "request_id": item.request_id, "status": "ok", "n_attempts": st.n, "last_error": None,
+                "updated_at": utcnow()})
         except AttemptError as e:
             self.counters.failed += 1
+            where = "follow-up request: " if st.step == 2 else ""
             self.writer.update("requests", "request_id", {
-                "request_id": item.request_id, "status": "failed", "n_attempts": n,
-                "last_error": f"{e.kind}: {e}"[:2000], "updated_at": utcnow()})
+                "request_id": item.request_id, "status": "failed", "n_attempts": st.n,
+                "last_error": f"{where}{e.kind}: {e}"[:2000], "updated_at": utcnow()})
         except Aborted:
             self.writer.update("requests", "request_id",
-                               {"request_id": item.request_id, "n_attempts": n, "updated_at": utcnow()})
+                               {"request_id": item.request_id, "n_attempts": st.n, "updated_at": utcnow()})
 
-    async def _attempt(self, client: httpx.AsyncClient, item: WorkItem, n: int) -> None:
+    async def _send(self, client: httpx.AsyncClient, item: WorkItem, step: int, body: dict[str, Any],
+                    prompt_tokens: Optional[int], st: "_ItemState", before: int) -> Completion:
+        """One request of an item, with retries: → its completion, or AttemptError after the last try.
+        `before`: attempts of this step recorded by earlier runs (a resend may meet the prefix cache)."""
+        o = self.opts
+        k = before
+        # the first attempt runs outside tenacity (its per-iteration machinery costs ~0.1 ms):
+        # most requests succeed first time; a failure is replayed into tenacity as its attempt 1
+        first_err: Optional[AttemptError] = None
+        if self._abort_reason is not None:
+            raise Aborted(self._abort_reason)
+        st.n += 1
+        k += 1
+        try:
+            return await self._attempt(client, item, st, step, body, k > 1 or item.repeat > 0)
+        except AttemptError as e:
+            if not e.retryable or o.max_retries == 0:
+                raise
+            first_err = e
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(o.max_retries + 1),
+            wait=wait_exponential_jitter(multiplier=o.backoff_s, max=o.backoff_max_s, jitter=o.backoff_s),
+            retry=retry_if_exception(_retryable), reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                if first_err is not None:
+                    err, first_err = first_err, None
+                    raise err
+                if self._abort_reason is not None:
+                    raise Aborted(self._abort_reason)
+                self.counters.retries += 1
+                st.n += 1
+                k += 1
+                return await self._attempt(client, item, st, step, body, True)
+        raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover
+
+    async def _attempt(self, client: httpx.AsyncClient, item: WorkItem, st: "_ItemState", step: int,
+                       body: dict[str, Any], resent: bool) -> Completion:
+        """`resent`: a retry or a repeat > 0 — the engine may hold this prompt in its prefix cache."""
         c = self.counters
+        n = st.n
         started_at = utcnow()
         t = time.perf_counter()
         c.attempts += 1
         c.in_flight += 1
         if c.in_flight > c.max_in_flight:
             c.max_in_flight = c.in_flight
-        resent = n > 1 or item.repeat > 0  # the engine may hold this prompt in its prefix cache
         busted = (resent or self.bust_all) and bool(self.cache_bust)
-        body = item.body
         if busted:
             body = _with_bust(body, self.cache_bust, f"kvt-{self.run_id}-{item.request_id}-{n}")
         try:
@@ -274,23 +330,26 @@ class Runner:
                     tail = ""
                 if tail:
                     e.body = f"{e.body or ''}\n--- engine log (last lines) ---\n{tail}"[-65536:]
-            self._record_attempt(item, n, started_at, time.perf_counter() - t, e)
+            self._record_attempt(item, n, started_at, time.perf_counter() - t, e, step)
             raise
         except asyncio.CancelledError:
             self._record_attempt(item, n, started_at, time.perf_counter() - t,
-                                 AttemptError("aborted", f"aborted: {self._abort_reason or 'cancelled'}", retryable=False))
+                                 AttemptError("aborted", f"aborted: {self._abort_reason or 'cancelled'}", retryable=False),
+                                 step)
             self.writer.update("requests", "request_id",
                                {"request_id": item.request_id, "n_attempts": n, "updated_at": utcnow()})
             raise
         finally:
             c.in_flight -= 1
-        self._record_attempt(item, n, started_at, time.perf_counter() - t, None)
-        self._record_response(item, n, res, resent, busted)
-        c.ok += 1
+        self._record_attempt(item, n, started_at, time.perf_counter() - t, None, step)
+        st.resent, st.busted = resent, busted
         c.completion_tokens += res.output_tokens
+        return res
 
-    def _record_attempt(self, item: WorkItem, n: int, started_at: str, dur: float, err: Optional[AttemptError]) -> None:
+    def _record_attempt(self, item: WorkItem, n: int, started_at: str, dur: float, err: Optional[AttemptError],
+                        step: int = 1) -> None:
         self.writer.insert("attempts", {
+            **({"step": step} if step != 1 else {}),  # column of migration 11; 1 is its default
             "request_id": item.request_id, "attempt_no": n, "run_id": self.run_id, "started_at": started_at,
             "duration_s": dur, "ok": 0 if err else 1,
             "error_kind": err.kind if err else None, "error": str(err)[:2000] if err else None,
@@ -299,12 +358,14 @@ class Runner:
         })
 
     def _record_response(self, item: WorkItem, n: int, r: Completion, resent: bool = False,
-                         busted: bool = False) -> None:
+                         busted: bool = False, table: str = "responses", harness_prompt_tokens: Optional[int] = None,
+                         extra: Optional[dict[str, Any]] = None) -> None:
+        """The response row: `responses` for the manifest prompt, `followups` for a follow-up request."""
         now = utcnow()
         prompt_tokens, completion_tokens, tpot_s = r.prompt_tokens, r.completion_tokens, r.tpot_s
         sources = set()
-        if prompt_tokens is None and item.prompt_tokens is not None:
-            prompt_tokens = item.prompt_tokens
+        if prompt_tokens is None and harness_prompt_tokens is not None:
+            prompt_tokens = harness_prompt_tokens
             sources.add("harness")
         elif prompt_tokens is not None:
             sources.add("server")
@@ -320,7 +381,8 @@ class Runner:
         total = r.total_tokens
         if total is None and prompt_tokens is not None and completion_tokens is not None:
             total = prompt_tokens + completion_tokens
-        self.writer.insert("responses", {
+        self.writer.insert(table, {
+            **(extra or {}),
             "request_id": item.request_id, "attempt_no": n, "run_id": self.run_id, "text": r.text,
             "finish_reason": r.finish_reason, "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens, "total_tokens": total, "ttft_s": r.ttft_s,
@@ -332,5 +394,3 @@ class Runner:
             "cache_flag": cache_flag(prompt_tokens, r.cached_tokens, resent, busted),
             "token_source": token_source,
         }, verb="INSERT OR IGNORE")
-        self.writer.update("requests", "request_id", {
-            "request_id": item.request_id, "status": "ok", "n_attempts": n, "last_error": None, "updated_at": now})

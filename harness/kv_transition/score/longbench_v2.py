@@ -3,7 +3,13 @@ against the gold letter (accuracy), and the per-category accuracy table of its `
 
 Extraction (``pred.py`` ``extract_answer``): drop every ``*`` (markdown bold), then the first
 ``The correct answer is (X)``, else the first ``The correct answer is X``, X one of A-D, case-sensitive;
-nothing found is no answer (wrong, flagged ``no_answer_extracted``). ``result.py`` reports
+nothing found is no answer (wrong, flagged ``no_answer_extracted``).
+
+Empty responses (:func:`left_out`): pred.py writes no result for an example whose model output is
+exactly ``''`` (``if output == '': continue``, checked before stripping; with ``--cot`` for the
+reasoning and for the answer request alike), so result.py's accuracy has it in neither numerator nor
+denominator. Here too: such a request gets no score row (``kvt score`` counts it as left out); a
+whitespace-only response is not empty — it is scored, as no answer (0). ``result.py`` reports
 ``round(100 * mean, 1)`` overall, per difficulty and per length split; here also per domain and
 sub-domain, and per token-length bin of the manifest like every other dataset.
 """
@@ -37,6 +43,12 @@ def extract_answer(response: str) -> Optional[str]:
     text = response.replace("*", "")
     m = _PAREN.search(text) or _BARE.search(text)
     return m.group(1) if m else None
+
+
+def left_out(response: str) -> bool:
+    """True for a response pred.py drops instead of judging: exactly empty (an empty reasoning
+    response of the chain-of-thought mode included: no answer request follows it)."""
+    return response == ""
 
 
 def score_v2(prediction: str, answers: Sequence[str]) -> tuple[float, tuple[str, ...]]:
@@ -76,12 +88,13 @@ def accuracy_table(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def load_accuracy_table(conn: sqlite3.Connection, cells: Optional[list[str]] = None) -> list[dict[str, Any]]:
-    """:func:`accuracy_table` over the LongBench v2 scores in an experiment DB."""
+def load_example_rows(conn: sqlite3.Connection, cells: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    """One row per LongBench v2 score in an experiment DB: cell_id, example_id, repeat, bin_id, score and
+    the v2 meta keys of :data:`DIMENSIONS`."""
     import json
 
     q = conn.execute(
-        """SELECT s.cell_id, s.score, m.bin_id, e.meta_json
+        """SELECT s.cell_id, s.example_id, s.repeat, s.score, m.bin_id, e.meta_json
            FROM scores s JOIN requests r USING (request_id)
            JOIN manifest_entries m ON m.dataset_id = r.dataset_id AND m.example_id = r.example_id
            JOIN examples e ON e.dataset_id = r.dataset_id AND e.example_id = r.example_id
@@ -93,6 +106,11 @@ def load_accuracy_table(conn: sqlite3.Connection, cells: Optional[list[str]] = N
         meta = json.loads(r["meta_json"])
         if not is_v2(meta):
             continue
-        rows.append({"cell_id": r["cell_id"], "bin_id": r["bin_id"], "score": r["score"],
-                     **{k: meta.get(k) for k, _d in DIMENSIONS}})
-    return accuracy_table(rows)
+        rows.append({"cell_id": r["cell_id"], "example_id": r["example_id"], "repeat": r["repeat"],
+                     "bin_id": r["bin_id"], "score": r["score"], **{k: meta.get(k) for k, _d in DIMENSIONS}})
+    return rows
+
+
+def load_accuracy_table(conn: sqlite3.Connection, cells: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    """:func:`accuracy_table` over the LongBench v2 scores in an experiment DB."""
+    return accuracy_table(load_example_rows(conn, cells))
