@@ -105,8 +105,9 @@ class SlotCache:
             if need > self.cap[l]:
                 cap = max(need, int(self.cap[l] * 1.25))
                 cap = -(-cap // 64) * 64
-            k = torch.empty((new_slots, self.H, cap, self.D), dtype=self.dtype, device=self.device)
-            v = torch.empty_like(k)
+            # zeros, not empty: a masked (padding) position must not hold NaN (0 * NaN in the weighted sum)
+            k = torch.zeros((new_slots, self.H, cap, self.D), dtype=self.dtype, device=self.device)
+            v = torch.zeros_like(k)
             if self.K[l] is not None and self.n:
                 m = int(self.lens[l, : self.n].max())
                 k[: self.n, :, :m] = self.K[l][: self.n, :, :m]
