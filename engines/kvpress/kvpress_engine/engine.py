@@ -364,10 +364,12 @@ class Engine:
                 pos += 1
                 tok = out.logits[:, -1:].argmax(-1)
                 self.live_kv_tokens = cache.get_seq_length()
+                self.live_kv_bytes = self.live_kv_tokens * self.kv_bytes_per_token
                 self.accept(act, int(tok))
             act.final = self._kv_state(cache)
         finally:
             self._close(act)
+            self.live_kv_tokens, self.live_kv_bytes = 0, 0  # the batch's next step sets its own
 
     def _close(self, act: "Active") -> None:
         if act.stack is not None:

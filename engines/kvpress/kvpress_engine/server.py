@@ -187,6 +187,8 @@ class State:
                     continue
                 self.metrics.inc("decode_steps_total", 1)
                 self.metrics.inc("batch_size_sum", len(batch) + len(finished))
+                if not batch.active:
+                    self.metrics.set("batch_size", 0)  # idle (before the results go out: a client may read it next)
                 for act in finished:
                     self._deliver(act)
                 self._live()
