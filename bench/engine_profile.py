@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         dev_us = sum(e.self_device_time_total for e in ev) if cuda else 0.0
         device_ms = dev_us / 1e3 / a.steps
         bound_ms = 1e3 * (weights_read + kv_tokens * eng.kv_bytes_per_token) / a.bandwidth
-        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        sort = "self_device_time_total" if cuda else "self_cpu_time_total"
         table = ev.table(sort_by=sort, row_limit=a.top)
         (out / f"profile_b{b}.txt").write_text(table)
         rec = {"batch": b, "len": a.len, "press": a.press, "ratio": a.ratio, "shape": a.shape, "device": m.device,
