@@ -31,6 +31,7 @@ def _presses() -> dict[str, Callable[[float], Any]]:
         "streamingllm": lambda r: k.StreamingLLMPress(compression_ratio=r),
         "knorm": lambda r: k.KnormPress(compression_ratio=r),
         "tova": lambda r: k.TOVAPress(compression_ratio=r),
+        "expected_attention": lambda r: k.ExpectedAttentionPress(compression_ratio=r),
         "keydiff": lambda r: k.KeyDiffPress(compression_ratio=r),
         "expected_attention_leaderboard": lambda r: k.AdaKVPress(k.ExpectedAttentionPress(compression_ratio=r,
                                                                                          epsilon=1e-2)),

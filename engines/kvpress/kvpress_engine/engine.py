@@ -1,4 +1,5 @@
-"""The generation core: tokenize, prefill under a kvpress press, greedy decode. One request at a time."""
+"""The generation core: tokenize, prefill one request under a kvpress press, then greedy decoding, batched
+across requests (batch.py) unless the press hooks the decoding steps."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from typing import Any, Callable
 import torch
 from transformers import DynamicCache
 
+from .batch import ATTN_NAME, SlotCache, use_attention
 from .build import BuiltPress, bind_tokenizer, build_press, clear_masks, masked_per_layer
+from .detok import Detokenizer
 from .methods import SPLIT_SCOPES, PressSpec, plan_compression
 
 log = logging.getLogger("kvpress_engine")
@@ -189,20 +192,6 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _timed_press(self, press, acc: list[float]):
-        inner = press.forward_hook
-
-        def forward_hook(*args, **kwargs):
-            self._sync()
-            t = time.perf_counter()
-            out = inner(*args, **kwargs)
-            self._sync()
-            acc[0] += time.perf_counter() - t
-            return out
-
-        press.forward_hook = forward_hook  # instance attribute: BasePress.__call__ registers self.forward_hook
-        return press
-
     def check_length(self, n_prompt: int, max_tokens: int | None, default_max_tokens: int) -> int:
         limit = self.max_model_len
         if n_prompt == 0:
@@ -240,8 +229,20 @@ class Engine:
         eff = [h - (m / self.n_kv_heads if masked else 0) for h, m in zip(layer_lens, masked or [0] * len(layer_lens))]
         return {"lens": layer_lens, "bytes": held_bytes, "masked": masked, "effective": eff}
 
+    # ------------------------------------------------------------------ one request: prefill
+
+    def batch_policy(self, built: BuiltPress) -> str | None:
+        """Why a request cannot decode in the shared batch (None: it can)."""
+        if built.press is None:
+            return None
+        if built.decode:
+            return "decoding-time press (it compresses the cache while generating): decoded alone"
+        if built.node.memory() == "masks":
+            return "head-wise masked keys (kvpress's fake-key attention patch, per sequence): decoded alone"
+        return None
+
     @torch.inference_mode()
-    def generate(
+    def prefill(
         self,
         enc: Encoded,
         spec: PressSpec,
@@ -251,7 +252,9 @@ class Engine:
         ignore_eos: bool = False,
         on_delta: Callable[[str], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
-    ) -> Result:
+    ) -> "Active":
+        """Tokenized prompt → compressed cache + first token. The returned Active either is done already
+        (one token asked, or a stop), or decodes in the batch (``batch_reason is None``) or alone."""
         ids = enc.ids
         n = len(ids)
         split_scope = spec.scope in SPLIT_SCOPES
@@ -267,10 +270,14 @@ class Engine:
         plan = plan_compression(spec, span)
         q_window = (n - enc.split) if enc.split is not None else None  # finch: the question is its window
         built = build_press(spec.tree, plan.press_ratio, question_tokens=q_window, n_layers=self.n_layers)
-        press_s = [0.0]
+        timer = PressTimer(self.device)
         if built.press is not None:
-            self._timed_press(built.press, press_s)
+            timer.wrap(built.press)
         needed = built.attn if built.press is not None else None
+        reason = self.batch_policy(built)
+        act = Active(enc=enc, spec=spec, plan=plan, built=built, split_scope=split_scope, span=span,
+                     max_new=max_new_tokens, ignore_eos=ignore_eos, cancelled=cancelled, timer=timer,
+                     detok=Detokenizer(self.tokenizer, stop, on_delta), batch_reason=reason)
 
         model = self.model
         dev = self.device
@@ -278,95 +285,115 @@ class Engine:
         cache = DynamicCache()
         torch.manual_seed(0)  # presses with random sketches (leverage, compactor, cur) are reproducible
         clear_masks(model)
-        stack = contextlib.ExitStack()  # the decoding-time press context (closed even on errors)
+        stack = contextlib.ExitStack()  # attention switch + decoding-time press (closed even on errors)
         try:
-            with self._attention(needed) as attn_used:
-                self._sync()
-                t0 = time.perf_counter()
-                if not split_scope:
+            act.attn_used = stack.enter_context(self._attention(needed))
+            self._sync()
+            t0 = time.perf_counter()
+            if not split_scope:
+                with self._press_ctx(built, "prefill"):
+                    out = model(input_ids=input_ids, past_key_values=cache, logits_to_keep=1)
+                logits = out.logits[0, -1]
+                after = self._kv_state(cache)
+                position = cache.get_seq_length() if built.rerotates else n
+                stack.enter_context(self._press_ctx(built, "decode"))
+            else:
+                if split > 0:
                     with self._press_ctx(built, "prefill"):
-                        out = model(input_ids=input_ids, past_key_values=cache, logits_to_keep=1)
-                    logits = out.logits[0, -1]
-                    after = self._kv_state(cache)
-                    position = cache.get_seq_length() if built.rerotates else n
-                    stack.enter_context(self._press_ctx(built, "decode"))
-                else:
-                    if split > 0:
-                        with self._press_ctx(built, "prefill"):
-                            model.model(input_ids=input_ids[:, :split], past_key_values=cache)
-                    after_ctx = self._kv_state(cache)
-                    # the question continues at the original positions (kvpress's pipeline), or right after the
-                    # kept keys for presses that re-rotate them
-                    start = cache.get_seq_length() if (built.rerotates and split > 0) else split
-                    stack.enter_context(self._press_ctx(built, "decode"))
-                    q = input_ids[:, split:]
-                    pos = torch.arange(start, start + q.shape[1], device=dev).unsqueeze(0)
-                    lens = after_ctx["lens"] if split > 0 else [0]
-                    if len(set(lens)) <= 1:
-                        out = model(input_ids=q, past_key_values=cache, position_ids=pos, logits_to_keep=1)
-                    else:
-                        # per-layer lengths differ (pyramidkv): a multi-token step would need per-layer masks;
-                        # feed the question one token at a time (each step attends to everything before it)
-                        for j in range(q.shape[1]):
-                            out = model(input_ids=q[:, j : j + 1], past_key_values=cache,
-                                        position_ids=pos[:, j : j + 1])
-                    logits = out.logits[0, -1]
-                    after = self._kv_state(cache)
-                    position = start + q.shape[1]
-                next_id = int(logits.argmax())
-                self._sync()
-                prefill_s = time.perf_counter() - t0
-                self.live_kv_tokens = round(sum(after["lens"]) / len(after["lens"]))
-                self.live_kv_bytes = after["bytes"]
-
-                # greedy decoding (under the press when it compresses while generating)
-                t1 = time.perf_counter()
-                gen: list[int] = []
-                text, emitted = "", 0
-                stops = [s for s in (stop or []) if s]
-                hold = max((len(s) for s in stops), default=1) - 1
-                finish = "length"
-                while True:
-                    gen.append(next_id)
-                    if not ignore_eos and next_id in self.stop_ids:
-                        finish = "stop"
-                        break
-                    text = self.tokenizer.decode(gen, skip_special_tokens=True)
-                    if stops:
-                        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-                        if cut >= 0:
-                            text, finish = text[:cut], "stop"
-                            break
-                    if on_delta is not None and not text.endswith("\ufffd"):
-                        safe = len(text) - hold
-                        if safe > emitted:
-                            on_delta(text[emitted:safe])
-                            emitted = safe
-                    if len(gen) >= max_new_tokens or (cancelled is not None and cancelled()):
-                        break
-                    out = model(
-                        input_ids=torch.tensor([[next_id]], device=dev),
-                        past_key_values=cache,
-                        position_ids=torch.tensor([[position]], device=dev),
-                    )
-                    position += 1
-                    next_id = int(out.logits[0, -1].argmax())
-                    self.live_kv_tokens = cache.get_seq_length()
-                final = self._kv_state(cache)
-                stack.close()
-                if finish == "stop" and not stops:
-                    text = self.tokenizer.decode(gen, skip_special_tokens=True)
-                if on_delta is not None and len(text) > emitted:
-                    on_delta(text[emitted:])
-                self._sync()
-                decode_s = time.perf_counter() - t1
-        finally:
+                        model.model(input_ids=input_ids[:, :split], past_key_values=cache)
+                after_ctx = self._kv_state(cache)
+                # the question continues at the original positions (kvpress's pipeline), or right after the
+                # kept keys for presses that re-rotate them
+                start = cache.get_seq_length() if (built.rerotates and split > 0) else split
+                stack.enter_context(self._press_ctx(built, "decode"))
+                q = input_ids[:, split:]
+                pos = torch.arange(start, start + q.shape[1], device=dev).unsqueeze(0)
+                lens = after_ctx["lens"] if split > 0 else [0]
+                ragged = len(set(lens)) > 1
+                # per-layer lengths differ (pyramidkv): the question goes in one pass under a per-layer
+                # bottom-right causal mask (kvt_ragged attention)
+                with (use_attention(model, ATTN_NAME) if ragged else contextlib.nullcontext()):
+                    out = model(input_ids=q, past_key_values=cache, position_ids=pos, logits_to_keep=1)
+                logits = out.logits[0, -1]
+                after = self._kv_state(cache)
+                position = start + q.shape[1]
+            first = logits.argmax()
+            next_id = int(first)  # the one host sync of the prefill
+            act.prefill_s = time.perf_counter() - t0
+        except BaseException:
             stack.close()
             clear_masks(model)
-            self.live_kv_tokens, self.live_kv_bytes = 0, 0
+            raise
+        act.after, act.position, act.cache = after, position, cache
+        act.t_decode = time.perf_counter()
+        if reason is None:
+            stack.close()  # prefill-only press: its hooks are gone; the batch decodes with kvt_ragged
+        else:
+            act.stack = stack  # kept open (press hooks, attention) while it decodes alone
+        if self.accept(act, next_id):
+            act.final = after
+            return act
+        act.first = first.reshape(1)
+        return act
 
+    def accept(self, act: "Active", token: int) -> bool:
+        """One generated token for a request; True when the request is finished."""
+        act.gen.append(token)
+        if not act.ignore_eos and token in self.stop_ids:
+            act.finish = "stop"
+            act.done = True
+        elif act.detok.push(token):
+            act.finish = "stop"
+            act.done = True
+        elif len(act.gen) >= act.max_new or (act.cancelled is not None and act.cancelled()):
+            act.done = True
+        return act.done
+
+    # ------------------------------------------------------------------ decoding alone (a batch of one)
+
+    @torch.inference_mode()
+    def decode_alone(self, act: "Active") -> None:
+        """Presses that hook the decoding steps or mask keys per sequence: the plain loop over its own
+        DynamicCache, under its press and attention implementation."""
+        model, cache = self.model, act.cache
+        tok = act.first.view(1, 1)
+        pos = torch.tensor([[act.position]], dtype=torch.long, device=self.device)
+        try:
+            while not act.done:
+                out = model(input_ids=tok, past_key_values=cache, position_ids=pos)
+                pos += 1
+                tok = out.logits[:, -1:].argmax(-1)
+                self.live_kv_tokens = cache.get_seq_length()
+                self.live_kv_bytes = self.live_kv_tokens * self.kv_bytes_per_token
+                self.accept(act, int(tok))
+            act.final = self._kv_state(cache)
+        finally:
+            self._close(act)
+            self.live_kv_tokens, self.live_kv_bytes = 0, 0  # the batch's next step sets its own
+
+    def _close(self, act: "Active") -> None:
+        if act.stack is not None:
+            act.stack.close()
+            act.stack = None
+            clear_masks(self.model)
+        act.cache = None
+
+    # ------------------------------------------------------------------ the shared batch
+
+    def new_batch(self, max_batch: int) -> "Batch":
+        return Batch(self, max_batch)
+
+    # ------------------------------------------------------------------ results
+
+    def result(self, act: "Active") -> Result:
+        self._close(act)
+        text = act.detok.finish()
+        decode_s = time.perf_counter() - act.t_decode
+        spec, plan, built, n = act.spec, act.plan, act.built, len(act.enc.ids)
+        split_scope = act.split_scope
         tree = spec.tree
         memory = tree.memory() if built.press is not None else "none"
+        after, final = act.after, act.final or act.after
         lens, eff = after["lens"], after["effective"]
         per_tok_layer = self.kv_bytes_per_token / self.n_layers
         applied = {
@@ -380,8 +407,8 @@ class Engine:
             "scope": spec.scope,
             "question_start": spec.question_start if (split_scope or tree.method == "finch") else None,
             "params": dict(spec.params),
-            "compressed_span_tokens": span,
-            "question_tokens": n - split if split_scope else 0,
+            "compressed_span_tokens": act.span,
+            "question_tokens": n - act.enc.split if split_scope else 0,
             "skipped": plan.skipped,
             "phase": tree.phase(),
             "memory": memory,  # frees | masks | zeroes | none
@@ -397,9 +424,181 @@ class Engine:
             "kv_bytes_before": n * self.kv_bytes_per_token,
             "kv_bytes_after": after["bytes"],  # bytes actually held (masked entries included)
             "kv_bytes_effective": round(sum(eff) * per_tok_layer),  # what a cache without the masked entries holds
-            "attn_implementation": attn_used,
-            "prefill_s": round(prefill_s, 6),
-            "press_s": round(press_s[0], 6),
+            "attn_implementation": act.attn_used,
+            "prefill_s": round(act.prefill_s, 6),
+            "press_s": round(act.timer.seconds(), 6),
             "decode_s": round(decode_s, 6),
+            # continuous batching: whether this request decoded in the shared batch, why not, and the largest
+            # batch it decoded in (1: alone, or nobody else was decoding)
+            "batched": act.batch_reason is None,
+            "batched_reason": act.batch_reason,
+            "batch_size_max": act.batch_size_max,
         }
-        return Result(text, finish, n, len(gen), applied, gen)
+        return Result(text, act.finish, n, len(act.gen), applied, act.gen)
+
+    # ------------------------------------------------------------------ convenience: one request end to end
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        enc: Encoded,
+        spec: PressSpec,
+        max_new_tokens: int,
+        *,
+        stop: list[str] | None = None,
+        ignore_eos: bool = False,
+        on_delta: Callable[[str], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Result:
+        """Prefill + decode of one request with nothing else in flight (warm-up, tools, tests); decodes
+        through the same batched step as the server (a batch of one) unless the press must decode alone."""
+        act = self.prefill(enc, spec, max_new_tokens, stop=stop, ignore_eos=ignore_eos, on_delta=on_delta,
+                           cancelled=cancelled)
+        if not act.done:
+            if act.batch_reason is None:
+                batch = self.new_batch(1)
+                batch.join(act)
+                while batch.active:
+                    batch.step()
+            else:
+                self.decode_alone(act)
+        return self.result(act)
+
+
+class PressTimer:
+    """press_s without host syncs on the hot path: CUDA events around each hook call (read once, when the
+    request's result is built); wall time on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.total = 0.0
+        self.events: list[tuple[Any, Any]] = []
+
+    def wrap(self, press) -> None:
+        inner = press.forward_hook
+
+        def forward_hook(*args, **kwargs):
+            if self.cuda:
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                out = inner(*args, **kwargs)
+                e.record()
+                self.events.append((s, e))
+                return out
+            t = time.perf_counter()
+            out = inner(*args, **kwargs)
+            self.total += time.perf_counter() - t
+            return out
+
+        press.forward_hook = forward_hook  # instance attribute: BasePress.__call__ registers self.forward_hook
+
+    def seconds(self) -> float:
+        if self.events:
+            self.events[-1][1].synchronize()
+            self.total += sum(s.elapsed_time(e) for s, e in self.events) / 1000.0
+            self.events = []
+        return self.total
+
+
+@dataclass(eq=False)
+class Active:
+    """One request between its prefill and its result."""
+
+    enc: Encoded
+    spec: PressSpec
+    plan: Any
+    built: BuiltPress
+    split_scope: bool
+    span: int
+    max_new: int
+    ignore_eos: bool
+    cancelled: Callable[[], bool] | None
+    timer: PressTimer
+    detok: Detokenizer
+    batch_reason: str | None
+    attn_used: str = ""
+    prefill_s: float = 0.0
+    t_decode: float = 0.0
+    position: int = 0
+    cache: Any = None
+    first: Any = None  # next input token (a 1-element tensor on the device)
+    stack: Any = None
+    after: dict[str, Any] = field(default_factory=dict)
+    final: dict[str, Any] | None = None
+    gen: list[int] = field(default_factory=list)
+    finish: str = "length"
+    done: bool = False
+    batch_size_max: int = 1
+
+
+class Batch:
+    """The sequences decoding together: one forward pass per step over all of them (SlotCache +
+    kvt_ragged attention); sequences join after their prefill and leave when done, between steps."""
+
+    def __init__(self, engine: Engine, max_batch: int):
+        self.engine = engine
+        self.max_batch = max_batch
+        cfg = engine.model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.cache = SlotCache(engine.n_layers, engine.n_kv_heads, head_dim, engine.model.dtype, engine.device,
+                               max_batch, grouped=engine.device.type == "cuda")
+        self.active: list[Active] = []
+        self.steps = 0
+
+    def __len__(self) -> int:
+        return len(self.active)
+
+    def full(self) -> bool:
+        return len(self.active) >= self.max_batch
+
+    def join(self, act: Active) -> None:
+        layers = [(layer.keys, layer.values) for layer in act.cache.layers]
+        remaining = act.max_new - len(act.gen)
+        self.cache.add(layers, act.first, act.position, remaining + 1)
+        act.cache = None  # the slot holds it now; the DynamicCache can be freed
+        self.active.append(act)
+
+    def _leave(self, act: Active) -> None:
+        row = self.active.index(act)
+        held = [int(x) for x in self.cache.lens[:, row]]
+        eng = self.engine
+        act.final = {"lens": held, "effective": held, "masked": None,
+                     "bytes": sum(held) * eng.kv_bytes_per_token // eng.n_layers}
+        self.cache.remove(row)
+        last = self.active.pop()
+        if last is not act:
+            self.active[row] = last
+
+    @torch.inference_mode()
+    def step(self) -> list[Active]:
+        """One decoding step for every active sequence; returns those that finished (they left the batch)."""
+        done = [a for a in self.active if a.cancelled is not None and a.cancelled()]
+        for a in done:
+            a.done = True
+            self._leave(a)
+        if not self.active:
+            return done
+        c, model = self.cache, self.engine.model
+        n = c.n
+        c.prepare_step()
+        with use_attention(model, ATTN_NAME):
+            out = model(input_ids=c.tokens[:n, None], position_ids=c.pos[:n, None], past_key_values=c,
+                        cache_position=c.pos[:1], use_cache=True, kvt_batch=c, logits_to_keep=1)
+        nxt = out.logits[:, -1].argmax(-1)
+        c.tokens[:n] = nxt
+        c.finish_step()
+        self.steps += 1
+        ids = nxt.tolist()  # the one host sync of the step
+        finished = []
+        for a, t in zip(list(self.active), ids):
+            if n > a.batch_size_max:
+                a.batch_size_max = n
+            if self.engine.accept(a, t):
+                finished.append(a)
+        for a in finished:
+            self._leave(a)
+        held = c.held_tokens()
+        eng = self.engine
+        eng.live_kv_tokens = int(held.sum()) // eng.n_layers if c.n else 0
+        eng.live_kv_bytes = int(held.sum()) * eng.kv_bytes_per_token // eng.n_layers if c.n else 0
+        return done + finished

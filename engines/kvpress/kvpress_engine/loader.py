@@ -212,8 +212,10 @@ def load(
     cache_dir: str | None,
     use_cache: bool,
     max_model_len: int | None,
+    random_weights: str | None = None,
 ) -> Loaded:
-    """Load model + tokenizer. GGUF models are dequantized once and saved (save_pretrained) to the cache."""
+    """Load model + tokenizer. GGUF models are dequantized once and saved (save_pretrained) to the cache.
+    random_weights (benchmarking): the tokenizer from ``src``, a model of that shape with random weights."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -229,6 +231,8 @@ def load(
             read_dir, gguf, from_cache = cdir, None, True
     kw: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
 
+    if random_weights:
+        return _load_random(src, read_dir, gguf, random_weights, dev, torch_dtype, attn_implementation, t0)
     config = AutoConfig.from_pretrained(read_dir, **kw)
     check_config(config, max_model_len)
     # structure check on the meta device: refuses before any weight is read
@@ -281,3 +285,53 @@ def _save_to_cache(src: ModelSource, model: Any, tokenizer: Any, target: Path) -
     except OSError as e:  # a read-only home or a race with another process: serve anyway
         log.warning("could not save the model cache to %s: %s", target, e)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# shapes for --random-weights (a config.json path works too)
+RANDOM_PRESETS: dict[str, dict[str, Any]] = {
+    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                         max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001),
+    "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=49152,
+                 max_position_embeddings=8192, tie_word_embeddings=False),
+}
+
+
+def random_config(spec: str):
+    from transformers import AutoConfig
+
+    if spec in RANDOM_PRESETS:
+        d = dict(RANDOM_PRESETS[spec])
+    else:
+        try:
+            d = json.loads(Path(spec).read_text())
+        except (OSError, ValueError) as e:
+            raise ModelError(f"--random-weights: {spec!r} is neither a preset ({', '.join(RANDOM_PRESETS)}) nor a "
+                             f"readable config.json: {e}") from None
+    mt = d.pop("model_type", "llama")
+    return AutoConfig.for_model(mt, **d)
+
+
+def _load_random(src, read_dir, gguf, spec, dev, torch_dtype, attn_implementation, t0) -> Loaded:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if gguf:
+        from kvpress_engine.gguf_tokenizer import load_gguf_tokenizer
+
+        tokenizer = load_gguf_tokenizer(Path(read_dir), gguf)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(read_dir)
+    config = random_config(spec)
+    check_config(config, None)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.set_attn_implementation(attn_implementation)
+    model.eval()
+    check_model_structure(model)
+    return Loaded(model=model, tokenizer=tokenizer, source=src, loaded_from=f"random:{spec}", device=dev,
+                  dtype=str(torch_dtype).removeprefix("torch."), attn_implementation=attn_implementation,
+                  load_s=time.perf_counter() - t0, from_cache=False)

@@ -1,4 +1,4 @@
-"""FastAPI app: OpenAI-compatible endpoints, a single generation worker thread, Prometheus metrics."""
+"""FastAPI app: OpenAI-compatible endpoints, one generation worker thread (continuous batching), Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ class State:
         self.running = 0
         self.created = int(time.time())
         self.on_fatal = None  # set by __main__: stop the server
+        self.batch = None
 
     # queue accounting -------------------------------------------------------------------------------------
     def _gauges(self) -> None:
@@ -92,6 +93,7 @@ class State:
                 cache_dir=cfg.cache_dir,
                 use_cache=not cfg.no_cache,
                 max_model_len=cfg.max_model_len,
+                random_weights=cfg.random_weights,
             )
             from .engine import Encoded, Engine
 
@@ -130,6 +132,8 @@ class State:
                 "load_s": round(loaded.load_s, 3),
                 "warmup_s": round(warm_s, 3),
                 "default_kv_press": _spec_dict(cfg.default_press),
+                "max_batch": cfg.max_batch,
+                "random_weights": cfg.random_weights,
             }
             threading.Thread(target=self._worker, name="kvpress-worker", daemon=True).start()
             self.ready, self.status = True, "ok"
@@ -147,23 +151,77 @@ class State:
 
     # the generation worker ---------------------------------------------------------------------------------
     def _worker(self) -> None:
+        """Continuous batching: between two decoding steps, admit one waiting request (its prefill), then step
+        every active sequence once. Requests whose press hooks the decoding steps decode alone (the batch
+        waits for them)."""
+        eng = self.engine
+        batch = eng.new_batch(self.cfg.max_batch)
+        self.batch = batch
+        self.metrics.set("max_batch", self.cfg.max_batch)
         while True:
-            job: Job = self.jobs.get()
-            with self._count_lock:
-                self.waiting -= 1
-                self.running = 1
-                self._gauges()
-            try:
-                self._run(job)
-            finally:
+            job = None
+            if not batch.active:
+                job = self.jobs.get()
+            elif not batch.full():
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    job = None
+            if job is not None:
                 with self._count_lock:
-                    self.running = 0
+                    self.waiting -= 1
+                    self.running += 1
                     self._gauges()
-                self.metrics.set("kv_cache_tokens", 0)
-                self.metrics.set("kv_cache_bytes", 0)
-                self.metrics.set("kv_cache_usage_perc", 0)
+                if not self._admit(job, batch):
+                    self._release()
+            if batch.active:
+                self.metrics.set("batch_size", len(batch))
+                try:
+                    finished = batch.step()
+                except Exception as e:  # noqa: BLE001 - a failed step fails every sequence in it
+                    log.exception("decoding step failed")
+                    for act in list(batch.active):
+                        batch._leave(act)
+                        act.job.emit("error", 500, f"internal error: {type(e).__name__}: {e}", None, None)
+                        self._release()
+                    continue
+                self.metrics.inc("decode_steps_total", 1)
+                self.metrics.inc("batch_size_sum", len(batch) + len(finished))
+                if not batch.active:
+                    self.metrics.set("batch_size", 0)  # idle (before the results go out: a client may read it next)
+                for act in finished:
+                    self._deliver(act)
+                self._live()
+            else:
+                self.metrics.set("batch_size", 0)
 
-    def _run(self, job: Job) -> None:
+    def _release(self) -> None:
+        with self._count_lock:
+            self.running -= 1
+            self._gauges()
+        self._live()
+
+    def _live(self) -> None:
+        eng = self.engine
+        self.metrics.set("kv_cache_tokens", eng.live_kv_tokens)
+        self.metrics.set("kv_cache_bytes", eng.live_kv_bytes)
+        self.metrics.set("kv_cache_usage_perc", eng.live_kv_tokens / self.max_model_len)
+        b = getattr(self, "batch", None)
+        self.metrics.set("kv_cache_allocated_bytes", b.cache.allocated_bytes() if b is not None else 0)
+
+    def _deliver(self, act) -> None:
+        job = act.job
+        try:
+            res = self.engine.result(act)
+            self._account(res)
+            job.emit("done", res)
+        except Exception as e:  # noqa: BLE001
+            log.exception("generation failed")
+            job.emit("error", 500, f"internal error: {type(e).__name__}: {e}", None, None)
+        self._release()
+
+    def _admit(self, job: Job, batch) -> bool:
+        """Prefill one request; True when it joined the batch (it is then delivered by the step loop)."""
         from .engine import RequestError
 
         eng = self.engine
@@ -171,7 +229,7 @@ class State:
         try:
             if job.cancel.is_set():
                 job.emit("error", 499, "client went away", None, None)
-                return
+                return False
             separate = job.spec.scope == "kvpress_pipeline"
             if job.kind == "completion":
                 enc = eng.encode_completion(req.prompt, job.spec.question_start, separate)
@@ -185,20 +243,16 @@ class State:
 
             def on_delta(text: str) -> None:
                 job.emit("delta", text)
-                live = eng.live_kv_tokens
-                self.metrics.set("kv_cache_tokens", live)
-                self.metrics.set("kv_cache_bytes", eng.live_kv_bytes)
-                self.metrics.set("kv_cache_usage_perc", live / self.max_model_len)
 
-            res = eng.generate(
-                enc,
-                job.spec,
-                max_new,
-                stop=req.stop,
-                ignore_eos=req.ignore_eos,
-                on_delta=on_delta,
-                cancelled=job.cancel.is_set,
-            )
+            act = eng.prefill(enc, job.spec, max_new, stop=req.stop, ignore_eos=req.ignore_eos,
+                              on_delta=on_delta, cancelled=job.cancel.is_set)
+            act.job = job
+            if not act.done:
+                if act.batch_reason is None:
+                    batch.join(act)
+                    return True
+                eng.decode_alone(act)
+            res = eng.result(act)
             self._account(res)
             job.emit("done", res)
         except RequestError as e:
@@ -208,6 +262,7 @@ class State:
         except Exception as e:  # noqa: BLE001
             log.exception("generation failed")
             job.emit("error", 500, f"internal error: {type(e).__name__}: {e}", None, None)
+        return False
 
     def _account(self, res) -> None:
         m, a = self.metrics, res.applied
