@@ -71,6 +71,7 @@ def engine():
 
 
 from .test_presses import artifacts  # noqa: E402,F401 - the artifact fixture (kvpress's on-disk formats)
+from .conftest import Server  # noqa: E402,F401
 
 
 def _summary(after: dict, n_kv_heads: int) -> dict:
@@ -175,3 +176,48 @@ def test_fanout_bounds_and_falls_back(engine):
     assert [t for _, t, *_ in got] == seps
     got = _shared(engine, specs[:1], "query_aware")
     assert (got[0][0].shared, got[0][0].reason) == (False, "alone")
+
+
+# ------------------------------------------------------------------------------------------------ over HTTP
+
+
+def test_http_requests_of_one_prompt_share_one_prefill_and_answer_as_alone(server):
+    """Three presses of one prompt sent concurrently while the worker is busy are served by one fan-out
+    prefill (kv_press_applied.shared_prefill true, shared with 3); the same requests sent one at a time get
+    their own prefill ("alone") and the same answers, token for token."""
+    import threading
+
+    from .test_server import post
+
+    kvs = [{"method": "snapkv", "compression_ratio": 0.5}, {"method": "knorm", "compression_ratio": 0.25},
+           {"method": "adakv_snapkv", "compression_ratio": 0.5}]
+
+    def body(kv):
+        return {"prompt": PROMPT, "max_tokens": 6, "ignore_eos": True, "kv_press": kv}
+
+    alone = [post(server, "/completions", body(kv)).json() for kv in kvs]
+    assert [a["kv_press_applied"]["shared_prefill"] for a in alone] == [False] * 3
+    assert {a["kv_press_applied"]["shared_prefill_reason"] for a in alone} == {"alone"}
+
+    got: dict[int, dict] = {}
+    busy = threading.Thread(target=lambda: post(server, "/completions", {"prompt": "Tell me a long story.",
+                                                                         "max_tokens": 48, "ignore_eos": True}))
+    busy.start()  # keeps the worker busy while the three arrive: they are queued together
+
+    def send(i):
+        got[i] = post(server, "/completions", body(kvs[i])).json()
+
+    import time
+
+    time.sleep(0.2)
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads + [busy]:
+        t.join(120)
+    for i, a in enumerate(alone):
+        s = got[i]["kv_press_applied"]
+        assert (s["shared_prefill"], s["shared_prefill_with"], s["shared_prefill_reason"]) == (True, 3, None), s
+        assert got[i]["choices"][0]["text"] == a["choices"][0]["text"]
+        for k in ("kv_tokens_after", "kv_tokens_held", "kv_tokens_masked", "kv_bytes_after", "compression_ratio"):
+            assert s[k] == a["kv_press_applied"][k], k

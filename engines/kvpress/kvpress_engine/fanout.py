@@ -194,12 +194,16 @@ def prefill_one(model, input_ids: torch.Tensor, span: int, built: BuiltPress, *,
                     press_s[0] += time.perf_counter() - t
                     return out
 
+                prev = vars(press).get("forward_hook")  # the engine's own timing wrapper, if any
                 press.forward_hook = timed  # BasePress.__call__ registers self.forward_hook
                 try:
                     with press(model):
                         logits = _forward(model, input_ids, span, cache)
                 finally:
-                    del press.forward_hook
+                    if prev is None:
+                        del press.forward_hook
+                    else:
+                        press.forward_hook = prev
             else:
                 logits = _forward(model, input_ids, span, cache)
         else:
