@@ -2,7 +2,7 @@
 # Fan-out prefill on a lent H200 (the `device` tool): Llama-3.1-8B's shape with random bf16 weights, 16k-token
 # prompts, 6 presses x 3 ratios + full, prefilled separately vs in one shared pass (bench/fanout_prefill.py).
 # Staged like bench/device_matrix_gpu.sh:
-#   carry: .whl (kvpress stack wheels for the device's Python), .device/smol (SmolLM2 tokenizer files: the vocab)
+#   carry: .whl (kvpress stack wheels for the device's Python), bench/.tokenizer (SmolLM2 tokenizer: `python bench/engine_sweep.py tokenizer bench/.tokenizer`), or TOK=DIR
 #   usage: bash bench/device_fanout.sh [LENGTH]      rows -> $OUT/fanout_prefill.jsonl, log -> $OUT/fanout.log
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
@@ -10,8 +10,8 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/engines/kvpress PYTHONUNBUFFERED=1
 L=${1:-16384}
-timeout 420 python3 bench/fanout_prefill.py --llama8b-random --tokenizer .device/smol --device cuda \
+timeout 420 python3 bench/fanout_prefill.py --llama8b-random --tokenizer "${TOK:-bench/.tokenizer}" --device cuda \
   --length "$L" --examples 2 --max-new-tokens 16 --budget-s 380 --out "$OUT" 2>&1 | tee "$OUT/fanout.log" || true
 # a shorter prompt too, if time is left (the 10-minute limit per call)
-timeout 120 python3 bench/fanout_prefill.py --llama8b-random --tokenizer .device/smol --device cuda \
+timeout 120 python3 bench/fanout_prefill.py --llama8b-random --tokenizer "${TOK:-bench/.tokenizer}" --device cuda \
   --length 4096 --examples 1 --max-new-tokens 16 --budget-s 100 --out "$OUT" 2>&1 | tee -a "$OUT/fanout.log" || true
