@@ -1,11 +1,15 @@
 """Fan-out prefill (kvpress_engine/fanout.py) is exact: for every press of the catalog, one shared forward pass
 gives each variant the cache, first-token logits and kept-token counts of its own separate prefill, and greedy
 decoding from the returned caches gives the same tokens as Engine.generate (the product path for one request),
-token for token. Tiny model, CPU, float32, a 96-token prompt, 4 generated tokens."""
+token for token; Engine.generate_many (the engine's path: shared prefill, then batched decoding) answers as
+Engine.generate; over HTTP, concurrent requests of one prompt share one prefill. Tiny model, CPU, float32, a
+96-token prompt, 4 generated tokens."""
 
 from __future__ import annotations
 
 import pytest
+
+from .test_presses import artifacts  # noqa: F401 - the artifact fixture (kvpress's on-disk formats)
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -70,8 +74,6 @@ def engine():
     return load_tiny()[0]
 
 
-from .test_presses import artifacts  # noqa: E402,F401 - the artifact fixture (kvpress's on-disk formats)
-from .conftest import Server  # noqa: E402,F401
 
 
 def _summary(after: dict, n_kv_heads: int) -> dict:
@@ -178,42 +180,91 @@ def test_fanout_bounds_and_falls_back(engine):
     assert (got[0][0].shared, got[0][0].reason) == (False, "alone")
 
 
+@pytest.mark.parametrize("scope", ["query_aware", "context_only"])
+def test_generate_many_shares_the_prefill_and_decodes_as_alone(engine, scope):
+    """The engine's own path: Engine.generate_many (one fan-out prefill, each request resumed, the batchable
+    ones decoded in one batch, masked/decoding-time ones alone) == Engine.generate per request."""
+    from kvpress_engine.engine import Encoded, Variant
+    from kvpress_engine.methods import PressSpec, resolve_press_spec
+
+    kvs = [{"method": "full"}, {"method": "snapkv", "compression_ratio": 0.5},
+           {"method": "pyramidkv", "compression_ratio": 0.5, "window_size": 16},
+           {"method": "adakv_snapkv", "compression_ratio": 0.25},
+           {"method": "decoding", **_DEC, "inner": _INNER}, {"method": "observed_attention", "compression_ratio": 0.5},
+           {"method": "observed_attention", "compression_ratio": 0.25}]
+    extra = {"scope": scope, "question_start": Q} if scope != "query_aware" else {}
+    specs = [resolve_press_spec(PressSpec(), {**kv, **extra}) for kv in kvs]
+    enc = Encoded(list(PROMPT), Q)
+    alone = [engine.generate(enc, s, T, ignore_eos=True) for s in specs]
+    many = engine.generate_many(enc, [Variant(s, T, ignore_eos=True) for s in specs])
+    for kv, a, m in zip(kvs, alone, many):
+        assert not isinstance(m, BaseException), (kv, m)
+        assert m.token_ids == a.token_ids, kv
+        for k in ("kv_tokens_after", "kv_tokens_held", "kv_tokens_masked", "kv_tokens_final", "kv_bytes_after"):
+            assert m.applied[k] == a.applied[k], (kv, k)
+    assert [m.applied["shared_prefill_with"] for m in many] == [5, 5, 5, 5, 5, 2, 2]
+    assert sum(1 / m.applied["shared_prefill_with"] for m in many) == pytest.approx(2.0)  # sdpa + eager passes
+
+
 # ------------------------------------------------------------------------------------------------ over HTTP
 
 
-def test_http_requests_of_one_prompt_share_one_prefill_and_answer_as_alone(server):
-    """Three presses of one prompt sent concurrently while the worker is busy are served by one fan-out
-    prefill (kv_press_applied.shared_prefill true, shared with 3); the same requests sent one at a time get
-    their own prefill ("alone") and the same answers, token for token."""
+@pytest.fixture(scope="module")
+def fanout_server(tmp_path_factory):
+    """An engine whose requests wait up to 3 s for others of the same prompt (so concurrent clients on a
+    loaded machine are grouped for sure)."""
+    import time
+
+    import httpx
+
+    from .conftest import READY_TIMEOUT_S, free_port, start_engine, stop_engine
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("fanout_engine") / "engine.log"
+    proc = start_engine(["--port", str(port), "--threads", "1", "--fanout-wait-ms", "3000"], log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            try:
+                if httpx.get(base + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield base
+    finally:
+        stop_engine(proc)
+
+
+def test_http_requests_of_one_prompt_share_one_prefill_and_answer_as_alone(fanout_server):
+    """Three presses of one prompt sent concurrently are served by one fan-out prefill
+    (kv_press_applied.shared_prefill true, shared with 3) and decode in one batch; the same requests sent one
+    at a time get their own prefill ("alone") and the same answers and kept counts."""
     import threading
 
-    from .test_server import post
+    import httpx
 
     kvs = [{"method": "snapkv", "compression_ratio": 0.5}, {"method": "knorm", "compression_ratio": 0.25},
            {"method": "adakv_snapkv", "compression_ratio": 0.5}]
 
-    def body(kv):
-        return {"prompt": PROMPT, "max_tokens": 6, "ignore_eos": True, "kv_press": kv}
+    def post(kv):
+        r = httpx.post(fanout_server + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 6,
+                                                                "ignore_eos": True, "kv_press": kv}, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()
 
-    alone = [post(server, "/completions", body(kv)).json() for kv in kvs]
+    alone = [post(kv) for kv in kvs]
     assert [a["kv_press_applied"]["shared_prefill"] for a in alone] == [False] * 3
     assert {a["kv_press_applied"]["shared_prefill_reason"] for a in alone} == {"alone"}
 
     got: dict[int, dict] = {}
-    busy = threading.Thread(target=lambda: post(server, "/completions", {"prompt": "Tell me a long story.",
-                                                                         "max_tokens": 48, "ignore_eos": True}))
-    busy.start()  # keeps the worker busy while the three arrive: they are queued together
-
-    def send(i):
-        got[i] = post(server, "/completions", body(kvs[i])).json()
-
-    import time
-
-    time.sleep(0.2)
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, post(kvs[i]))) for i in range(3)]
     for t in threads:
         t.start()
-    for t in threads + [busy]:
+    for t in threads:
         t.join(120)
     for i, a in enumerate(alone):
         s = got[i]["kv_press_applied"]
