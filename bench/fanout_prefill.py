@@ -90,6 +90,10 @@ def main() -> int:
     p.add_argument("--examples", type=int, default=1, help="prompts (each a different cut of the text)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--fanout-max", type=int, default=32)
+    p.add_argument("--decode-batch", type=int, default=None,
+                   help="rows of the fan-out run's decoding batch (default: all requests; 1 decodes them one by "
+                        "one, as alone: on a GPU this separates the fan-out's exactness from batched-decoding "
+                        "numerics)")
     p.add_argument("--budget-s", type=float, default=540.0, help="stop before an example that would overrun this")
     p.add_argument("--out", default=None, help="directory for fanout_prefill.jsonl (default: print only)")
     args = p.parse_args()
@@ -143,7 +147,7 @@ def main() -> int:
         sync()
         t = time.perf_counter()
         got = engine.generate_many(enc, [Variant(s, args.max_new_tokens, ignore_eos=True) for s in specs],
-                                   fanout_max=args.fanout_max)
+                                   fanout_max=args.fanout_max, max_batch=args.decode_batch)
         sync()
         fan_s = time.perf_counter() - t
         errors = [f"{lab}: {g}" for lab, g in zip(labels, got) if isinstance(g, BaseException)]
@@ -153,7 +157,7 @@ def main() -> int:
                         and a.applied["kv_tokens_after"] == b.applied["kv_tokens_after"])
         row = {
             "model": name, "device": dev, "dtype": dtype, "prompt_tokens": len(ids), "example": ex,
-            "variants": len(specs), "max_new_tokens": args.max_new_tokens,
+            "variants": len(specs), "max_new_tokens": args.max_new_tokens, "decode_batch": args.decode_batch,
             "prefills_separate": len(specs),
             "prefills_fanout": round(sum(1.0 / g.applied["shared_prefill_with"] for g in ok), 3),
             "separate_s": round(sum(sep_s), 3), "fanout_s": round(fan_s, 3), "full_alone_s": round(sep_s[0], 3),

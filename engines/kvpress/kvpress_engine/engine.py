@@ -556,6 +556,9 @@ class Engine:
                     self.decode_alone(act)
                     results[i] = self.result(act)
                 else:
+                    while batch.full():  # more batchable requests than rows: decode until one leaves
+                        for done in batch.step():
+                            results[index[id(done)]] = self.result(done)
                     index[id(act)] = i
                     batch.join(act)
             except Exception as e:  # noqa: BLE001
