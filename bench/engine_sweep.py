@@ -11,6 +11,10 @@ measured three ways:
      ``git archive bbc061c engines/kvpress | tar -x -C /tmp/old``), one request at a time, in process (what
      its single worker thread did per request, without HTTP)
   c  the engine now, over HTTP (``python -m kvpress_engine``), --concurrency requests in flight
+  d  the engine now, example-major as the matrix sends an interleaved group: for each prompt, every (press,
+     ratio) request at once, so the engine prefills the prompt once for all of them (fan-out prefill); one
+     ``kind: fanout`` line per prompt with the prefills the engine reports (sum of 1/shared_prefill_with) and the
+     wall time, summarized beside the sum of mode c's per-(press, ratio) wall times for the same prompts
 
 Each mode runs in its own process (GPU memory freed between modes) under its own time limit; every finished
 (mode, press, ratio) appends one JSON line to OUT/results.jsonl at once (a killed call keeps what finished; a
@@ -47,7 +51,8 @@ ENGINE_NOW = REPO / "engines" / "kvpress"
 PRESSES = ["full", "snapkv", "streamingllm", "knorm", "expected_attention", "pyramidkv"]
 RATIOS = [0.25, 0.5, 0.75]
 MODE_NAMES = {"a": "kvpress pipeline (per prompt)", "b": "engine before (one at a time)",
-              "c": "engine now (HTTP, concurrent)"}
+              "c": "engine now (HTTP, concurrent)",
+              "d": "engine now, fan-out (HTTP, every (press, ratio) of one prompt at once)"}
 
 # the shapes --shape knows without a config file (the engine's --random-weights presets, repeated here so mode
 # b can build the same model with the OLD engine's code, which has no such option)
@@ -261,17 +266,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def mode_c(args) -> int:
+def fanout_done(out: Path, args) -> set[int]:
+    f = out / "results.jsonl"
+    got = set()
+    if f.is_file():
+        for line in f.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if (rec.get("kind") == "fanout" and rec["len"] == args.len and rec["max_tokens"] == args.max_tokens
+                    and rec["shape"] == args.shape and rec["groups"] == len(groups(args))):
+                got.add(rec["prompt"])
+    return got
+
+
+def mode_c(args, fanout: bool = False) -> int:
     import httpx
 
     out = Path(args.out)
     have = done_keys(out)
     todo = [g for g in groups(args) if key_of(base_rec(args, "c", *g)) not in have]
-    if not todo:
+    todo_d = [i for i in range(args.prompts) if i not in fanout_done(out, args)]
+    if (not fanout and not todo) or (fanout and not todo_d):
         return 0
     port = free_port()
     cmd = [sys.executable, "-m", "kvpress_engine", "--host", "127.0.0.1", "--port", str(port), "--device",
-           args.device, "--dtype", args.dtype, "--max-batch", str(args.concurrency),
+           args.device, "--dtype", args.dtype,
+           "--max-batch", str(max(args.concurrency, len(groups(args))) if fanout else args.concurrency),
            "--max-model-len", str(args.len + args.max_tokens + 8), "--default-max-tokens", str(args.max_tokens)]
     if args.shape == "real":
         cmd += ["--model", args.model]
@@ -280,7 +302,8 @@ def mode_c(args) -> int:
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ENGINE_NOW), os.environ.get("PYTHONPATH", "")]))
-    log = open(out / "engine_c.log", "ab")
+    tag = "d" if fanout else "c"
+    log = open(out / f"engine_{tag}.log", "ab")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     t_start = time.monotonic()
@@ -300,10 +323,20 @@ def mode_c(args) -> int:
                     print("[c] engine not ready within the time limit", file=sys.stderr)
                     return 1
                 time.sleep(0.5)
-        append(out, {"kind": "meta", "mode": "c", "shape": args.shape, "engine": {k: info.get(k) for k in
+        append(out, {"kind": "meta", "mode": tag, "shape": args.shape, "engine": {k: info.get(k) for k in
                                                                               ("device", "dtype", "max_batch",
                                                                                "load_s", "random_weights")}})
         ps = prompts(args.prompts, args.len)
+        if fanout:
+            for i in todo_d:
+                if time.monotonic() - t_start > args.time_limit:
+                    print(f"[d] time limit {args.time_limit} s reached; stopping before prompt {i}", flush=True)
+                    break
+                rec = {"kind": "fanout", "mode": "d", "prompt": i, "len": args.len, "max_tokens": args.max_tokens,
+                       "shape": args.shape, "groups": len(groups(args))}
+                rec.update(asyncio.run(_prompt_d(base, ps[i], args, warm=i == todo_d[0])))
+                append_line(out, rec)
+            return 0
         for press, ratio in todo:
             if time.monotonic() - t_start > args.time_limit:
                 print(f"[c] time limit {args.time_limit} s reached; stopping before {press} {ratio}", flush=True)
@@ -334,6 +367,47 @@ def _metrics(text: str) -> dict[str, float]:
             except ValueError:
                 pass
     return vals
+
+
+def append_line(out: Path, rec: dict[str, Any]) -> None:
+    with (out / "results.jsonl").open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(f"[d] prompt {rec['prompt']}: {rec['groups']} requests, prefills {rec['prefills']:.2f}, "
+          f"wall {rec['wall_s']:.2f} s, {rec['tok_s']:.1f} tok/s", flush=True)
+
+
+async def _prompt_d(base: str, ids: list[int], args, warm: bool) -> dict[str, Any]:
+    """Every (press, ratio) of one prompt at once: what an interleaved matrix group sends per example."""
+    import httpx
+
+    gs = groups(args)
+    kvs = [{"method": p} if p == "full" else {"method": p, "compression_ratio": r} for p, r in gs]
+    limits = httpx.Limits(max_connections=len(kvs), max_keepalive_connections=len(kvs))
+    async with httpx.AsyncClient(timeout=httpx.Timeout(args.time_limit, connect=10), limits=limits) as c:
+        if warm:  # every press's kernels once, on a short prompt
+            for r in await asyncio.gather(*(c.post(base + "/v1/completions", json={
+                    "prompt": ids[: min(256, len(ids))], "max_tokens": 2, "ignore_eos": True, "kv_press": kv})
+                    for kv in kvs)):
+                r.raise_for_status()
+
+        async def one(kv):
+            r = await c.post(base + "/v1/completions", json={"prompt": ids, "max_tokens": args.max_tokens,
+                                                             "ignore_eos": True, "kv_press": kv})
+            r.raise_for_status()
+            return r.json()
+
+        t0 = time.perf_counter()
+        bodies = await asyncio.gather(*(one(kv) for kv in kvs))
+        wall = time.perf_counter() - t0
+    applied = [b["kv_press_applied"] for b in bodies]
+    tokens = sum(b["usage"]["completion_tokens"] for b in bodies)
+    return {"wall_s": round(wall, 4), "tokens": tokens, "tok_s": round(tokens / wall, 3),
+            "prefills": round(sum(1 / a.get("shared_prefill_with", 1) for a in applied), 3),
+            "shared": sum(bool(a.get("shared_prefill")) for a in applied),
+            "not_shared": {f"{a['method']}@{a.get('requested_compression_ratio')}": a.get("shared_prefill_reason")
+                           for a in applied if not a.get("shared_prefill")},
+            "prefill_s_max": max(a["prefill_s"] for a in applied),
+            "batch_size_max": max(a.get("batch_size_max", 1) for a in applied)}
 
 
 async def _group_c(base: str, ps: list[list[int]], press: str, ratio: float, args) -> dict[str, Any]:
@@ -419,6 +493,18 @@ def summarize(out: Path, bandwidth: float) -> str:
             bound1, boundb = f"{1 / step1:.0f}", f"{n / stepb:.0f}"
         lines.append(f"| {press} | {ratio} | {length} | {fmt(cells['a'])} | {fmt(cells['b'])} | {fmt(cells['c'])} "
                      f"| {ratio_of('c', 'a')} | {ratio_of('c', 'b')} | {bound1} | {boundb} |")
+    fan = [r for r in recs if r.get("kind") == "fanout"]
+    if fan:
+        lines += ["", "| d: fan-out, per prompt | len | requests | prefills (engine-reported) | wall s | tok/s | "
+                  "c: the same requests per (press, ratio), wall s per prompt |", "|---|---|---|---|---|---|---|"]
+        for r in fan:
+            cs = [best.get((p, rt, r["len"], r["max_tokens"], r["shape"], "c")) for p, rt in
+                  sorted({(k[0], k[1]) for k in best if k[5] == "c"})]
+            c_per_prompt = sum(x["wall_s"] / max(1, x["prompts_done"]) for x in cs if x) if any(cs) else None
+            lines.append(f"| prompt {r['prompt']} | {r['len']} | {r['groups']} | {r['prefills']:.2f} | "
+                         f"{r['wall_s']:.2f} | {r['tok_s']:.1f} | "
+                         + (f"{c_per_prompt:.2f} (mode c runs the prompts of a (press, ratio) concurrently)"
+                            if c_per_prompt is not None else "—") + " |")
     if meta is not None:
         lines.append("")
         lines.append(f"bound: weights read per step {meta['weights_read_bytes'] / 2**30:.2f} GiB + the KV cache of the "
@@ -454,6 +540,7 @@ def parse(argv: list[str] | None = None):
     r.add_argument("--time-limit-a", type=float, default=480, help="seconds for mode a (stops between measurements)")
     r.add_argument("--time-limit-b", type=float, default=480)
     r.add_argument("--time-limit-c", type=float, default=480)
+    r.add_argument("--time-limit-d", type=float, default=480)
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU runs)")
     s = sub.add_parser("summarize", help="print the markdown table")
     s.add_argument("--out", required=True)
@@ -471,7 +558,7 @@ def parse(argv: list[str] | None = None):
         a.modes = [x for x in a.modes.split(",") if x]
         bad = [m for m in a.modes if m not in MODE_NAMES]
         if bad:
-            p.error(f"--modes: unknown {bad} (a, b, c)")
+            p.error(f"--modes: unknown {bad} (a, b, c, d)")
         if "b" in a.modes and not a.engine_src:
             p.error("--modes b needs --engine-src (the old engine's engines/kvpress folder)")
         if a.shape != "real" and not a.tokenizer:
@@ -509,9 +596,9 @@ def main(argv: list[str] | None = None) -> int:
     for mode in a.modes:
         limit = getattr(a, f"time_limit_{mode}")
         print(f"== mode {mode}: {MODE_NAMES[mode]} (limit {limit:.0f} s)", flush=True)
-        if mode == "c":
+        if mode in ("c", "d"):
             a.time_limit = limit
-            rc |= mode_c(a)
+            rc |= mode_c(a, fanout=mode == "d")
             continue
         src = Path(a.engine_src).resolve() if mode == "b" else ENGINE_NOW
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]))

@@ -495,9 +495,13 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
              runtime: Optional[str] = None, base_url: Optional[str] = None,
              runtime_impl: Optional[Runtime] = None, progress: bool = False, console: Any = None,
              transport: Optional[httpx.AsyncBaseTransport] = None, watchdog_interval_s: float = 0.5,
-             tensor_parallel: Optional[int] = None, digest: Optional[str] = None) -> CellResult:
+             tensor_parallel: Optional[int] = None, digest: Optional[str] = None,
+             gate: Any = None, gate_key: Optional[str] = None) -> CellResult:
     """`runtime_impl` may be a runtime that lends an engine already running (the matrix runner's shared
-    request-mode engines): run_cell only calls its `running()` when there is something to send."""
+    request-mode engines): run_cell only calls its `running()` when there is something to send.
+    `gate` (runner.gate.ExampleGate, with this cell's `gate_key`): the cell is one of an interleaved group's
+    cells running at the same time; its requests go out example-major with theirs (the caller leaves the
+    gate when run_cell returns or raises)."""
     spec, rt_name, ext_url = resolve_cell_spec(cfg, engine=engine, method=method, compression_ratio=compression_ratio,
                                                budget=budget, runtime=runtime, base_url=base_url,
                                                tensor_parallel=tensor_parallel, digest=digest)
@@ -519,6 +523,19 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
             _attach_followups(conn, cfg, spec, manifest, cell_id, items, builder)
         repeats = cfg.decoding.repeats
         n_todo = len(items)
+        cell_gate = None
+        if gate is not None:
+            index = {e["example_id"]: i for i, e in enumerate(entries)}
+
+            def position_of(it: Any) -> tuple[int, int]:
+                return (it.repeat, index[it.example_id])
+
+            gate.join(gate_key, [position_of(it) for it in items])
+            cell_gate = gate.handle(gate_key, position_of)
+            if items:
+                _event(conn, run_id, cell_id, "info", "interleaved",
+                       f"sent example-major with the other cells of its engine group (window {gate.window}); "
+                       "this run's telemetry covers the shared engine while they ran", {"window": gate.window})
         log_path = paths.logs_dir / f"{cell_id}.log"
         if rt_name == "external" and runtime_impl is None:
             log_path = None  # someone else's server: no engine log here (nothing is printed or recorded)
@@ -549,7 +566,8 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
                 _after_ready_events(conn, run_id, cell_id, spec, inst, items)
                 runner = Runner(inst.base_url, writer, run_id, opts, transport=transport,
                                 cache_bust=spec.cache_bust_request, count_tokens=_token_counter(cfg, paths),
-                                bust_all=rt_name == "external", server_log=lambda: rt.log_tail(inst, 20))
+                                bust_all=rt_name == "external", server_log=lambda: rt.log_tail(inst, 20),
+                                gate=cell_gate)
                 sampler = None
                 if cfg.telemetry.enabled:
                     want_gpu = cfg.telemetry.nvml and spec.gpu and cfg.engine.device != "cpu"

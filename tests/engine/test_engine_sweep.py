@@ -40,3 +40,18 @@ def test_sweep_tiny_cpu(tmp_path):
     assert s.returncode == 0
     table = [x for x in s.stdout.splitlines() if x.startswith("| ")]
     assert len(table) == 3 and table[1].startswith("| full | 0.0 | 96 | ")  # header and two rows (the rule: |---)
+
+
+def test_sweep_mode_d_fanout_prefills_each_prompt_once(tmp_path):
+    """Mode d sends every (press, ratio) of a prompt at once: the engine reports ONE prefill for the prompt."""
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, str(REPO / "bench" / "engine_sweep.py"), "run", "--out", str(out), "--shape", "real",
+           "--device", "cpu", "--prompts", "1", "--len", "96", "--max-tokens", "3", "--presses", "full,snapkv,knorm",
+           "--ratios", "0.5", "--modes", "d", "--threads", "1"]
+    r = subprocess.run(cmd, env=engine_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    fan = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    fan = [x for x in fan if x["kind"] == "fanout"]
+    assert len(fan) == 1 and fan[0]["groups"] == 3 and fan[0]["tokens"] == 9
+    assert fan[0]["prefills"] == 1.0 and fan[0]["shared"] == 3, fan[0]
+    assert "| prompt 0 | 96 | 3 | 1.00 |" in r.stdout

@@ -65,6 +65,21 @@ def test_smoke_matrix_with_the_real_kvpress_engine(tmp_path: Path, monkeypatch: 
     assert rows(conn, "SELECT COUNT(*) n FROM responses")[0]["n"] == 12
     applied = [r["kv_applied_json"] for r in rows(conn, "SELECT kv_applied_json FROM responses")]
     assert any(a and "snapkv" in a for a in applied), applied
+    # interleaved (the default): the engine reports the prefills it ran; the four cells' requests of one
+    # example reach it together, so it runs fewer prefills than requests (1 per example when all four share)
+    import json
+
+    from kv_transition.report.data import _prefill_share
+
+    per_example = {}
+    for r in rows(conn, "SELECT q.example_id, p.kv_applied_json FROM responses p JOIN requests q USING(request_id)"):
+        a = json.loads(r["kv_applied_json"])
+        assert a["shared_prefill"] == (a["shared_prefill_with"] > 1), a
+        per_example[r["example_id"]] = per_example.get(r["example_id"], 0) + 1 / a["shared_prefill_with"]
+    assert len(per_example) == 3 and sum(per_example.values()) < 12, per_example
+    shares = [_prefill_share(conn, c["cell_id"]) for c in rows(conn, "SELECT cell_id FROM cells")]
+    assert sum(shares) == pytest.approx(sum(per_example.values()) / 3, abs=1e-3)
+    assert rows(conn, "SELECT COUNT(DISTINCT cell_id) n FROM events WHERE kind='interleaved'")[0]["n"] == 4
     conn.close()
 
 

@@ -21,7 +21,7 @@ from kv_transition.matrix.run import MatrixRunner
 
 REPO = Path(__file__).resolve().parents[2]
 
-MATRIX = {"name": "e2e",
+MATRIX = {"name": "e2e", "interleave": False,  # one cell after the other (interleaving: test_interleaved_...)
           "engines": {"fakekv": {"compression_ratios": [0.5], "methods": ["full", "snapkv", "knorm"],
                                  "env": {"FAKE_TOKEN_DELAY": "0.02"}},
                       "fakesrv": {"methods": ["full", "fp8"], "env": {"FAKE_TOKEN_DELAY": "0.02"}}}}
@@ -79,7 +79,7 @@ def test_two_slots_shared_engine_baseline_first_and_resume(experiment) -> None:
 
 
 def test_continue_on_error_and_restart_of_a_dead_shared_engine(experiment) -> None:
-    mx = {"name": "err",
+    mx = {"name": "err", "interleave": False,  # sequential: the crash hits one cell, the restart serves the next
           "engines": {"fakekv": {"compression_ratios": [0.5], "methods": ["full", "snapkv", "knorm"],
                                  "concurrency": 1, "env": {"FAKE_CRASH_AFTER": "8"}},
                       "fakesrv": {"methods": ["full", "fp8"]}},
@@ -197,3 +197,35 @@ def test_sigkill_mid_matrix_then_rerun_gives_every_request_once_and_the_same_rep
     got, want = _report_content(paths), _report_content(rpaths)
     assert got["bins"] and any(b["mean"] not in ("", "0", "0.0") for b in got["bins"]) and got["transitions"]
     assert got == want
+
+
+def test_interleaved_group_sends_example_major_and_survives_an_engine_crash(experiment) -> None:
+    """A request-mode group's cells run at the same time; with window 1 every example's requests (one per
+    cell) go out before any request of the next example. The shared engine crashes mid-group: every cell
+    resumes on the restarted engine, each request answered once."""
+    mx = {"name": "inter", "interleave_window": 1,
+          "engines": {"fakekv": {"compression_ratios": [0.25, 0.5], "methods": ["full", "snapkv", "knorm"],
+                                 "env": {"FAKE_TOKEN_DELAY": "0.005", "FAKE_CRASH_AFTER": "18"}}}}
+    n = 6
+    cpath, mpath, cfg, paths = experiment(n, mx)
+    s = _run(cpath, mpath, slots=1)
+    assert s.ok and s.counts() == {"completed": 5}, [(o.cell.label, o.reason) for o in s.outcomes]
+    conn = connect(paths.db)
+    assert conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 5 * n
+    dup = conn.execute("SELECT COUNT(*) FROM (SELECT request_id FROM responses GROUP BY request_id HAVING COUNT(*)>1)")
+    assert dup.fetchone()[0] == 0
+    assert len(rows(conn, "SELECT * FROM matrix_engines")) == 2  # the crash, and one restart
+    order = {r["example_id"]: r["ordinal"] for r in rows(conn, "SELECT example_id, ordinal FROM manifest_entries")}
+    sent = rows(conn, "SELECT q.cell_id, q.example_id, a.started_at FROM attempts a JOIN requests q"
+                      " USING(request_id) ORDER BY a.started_at, a.attempt_no")
+    firsts: dict = {}
+    for r in sent:
+        firsts.setdefault((r["cell_id"], r["example_id"]), r["started_at"])
+    by_time = sorted(firsts.items(), key=lambda kv: kv[1])
+    positions = [order[k[1]] for k, _ in by_time]
+    assert positions == sorted(positions), positions  # example-major: never an example before an earlier one
+    mc = rows(conn, "SELECT * FROM matrix_cells")
+    assert all(_overlap(a, b) for a in mc for b in mc if a is not b)  # the cells ran at the same time
+    ev = rows(conn, "SELECT COUNT(DISTINCT cell_id) n FROM events WHERE kind='interleaved'")
+    assert ev[0]["n"] == 5
+    conn.close()

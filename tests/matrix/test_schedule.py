@@ -95,6 +95,8 @@ def test_request_mode_sweep_is_one_engine_per_model_and_gpu_set(tmp_path: Path, 
     kv = [g for g in plan["groups"] if g["engine"] == "fakekv"]
     assert len(kv) == 2 and all(len(g["cells"]) == 13 for g in kv)      # 3 × 4 ratios + full
     assert all(g["cells"][0]["baseline"] for g in kv)
+    # request-mode groups send example-major (interleave: true by default); server-mode groups never do
+    assert all(g["interleaved"] for g in kv) and not any(g["interleaved"] for g in plan["groups"] if g not in kv)
     assert plan["engine_loads"] == 2 + 2 * 3 and plan["n_cells"] == 2 * 16
     assert all(g["gpus"] and len(g["gpus"]) == g["tp"] for g in plan["groups"])
     # the engine gets exactly its GPU set; ports differ between groups that run at the same time

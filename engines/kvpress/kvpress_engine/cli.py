@@ -30,6 +30,8 @@ class EngineConfig:
     threads: int | None = None
     log_level: str = "info"
     warmup: bool = True
+    fanout_max: int = 32  # requests of one prompt sharing one prefill pass (1: no fan-out)
+    fanout_wait_s: float = 0.02  # how long a request waits for others of the same prompt before its prefill
     default_press: PressSpec = field(default_factory=PressSpec)
 
 
@@ -87,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--no-warmup", action="store_true", help="(testing) skip the warm-up forward pass")
+    s.add_argument("--fanout-max", type=int, default=32,
+                   help="fan-out prefill: at most this many queued requests with the same prefill input (token ids, "
+                        "scope, split) share one forward pass, each press hooking its own copy of the KV; 1 = off")
+    s.add_argument("--fanout-wait-ms", type=float, default=20.0,
+                   help="a request waits at most this long (since it arrived) for others of the same prompt")
     k = p.add_argument_group("press defaults (a request's kv_press object overrides them)")
     k.add_argument("--method", default="full", choices=list(METHODS))
     b = k.add_mutually_exclusive_group()
@@ -137,6 +144,10 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
         parser.error("--max-batch must be > 0")
     if a.default_max_tokens <= 0:
         parser.error("--default-max-tokens must be > 0")
+    if a.fanout_max < 1:
+        parser.error("--fanout-max must be >= 1 (1 = no fan-out)")
+    if a.fanout_wait_ms < 0:
+        parser.error("--fanout-wait-ms must be >= 0")
     if not 0 < a.port < 65536:
         parser.error("--port must be in 1..65535")
     return EngineConfig(
@@ -157,5 +168,7 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
         threads=a.threads,
         log_level=a.log_level,
         warmup=not a.no_warmup,
+        fanout_max=a.fanout_max,
+        fanout_wait_s=a.fanout_wait_ms / 1000.0,
         default_press=default_press,
     )

@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from .batch import ATTN_NAME, SlotCache, use_attention
+from . import fanout
 from .build import BuiltPress, bind_tokenizer, build_press, clear_masks, masked_per_layer
 from .detok import Detokenizer
 from .methods import SPLIT_SCOPES, PressSpec, plan_compression
@@ -241,20 +242,15 @@ class Engine:
             return "head-wise masked keys (kvpress's fake-key attention patch, per sequence): decoded alone"
         return None
 
-    @torch.inference_mode()
-    def prefill(
-        self,
-        enc: Encoded,
-        spec: PressSpec,
-        max_new_tokens: int,
-        *,
-        stop: list[str] | None = None,
-        ignore_eos: bool = False,
-        on_delta: Callable[[str], None] | None = None,
-        cancelled: Callable[[], bool] | None = None,
-    ) -> "Active":
-        """Tokenized prompt → compressed cache + first token. The returned Active either is done already
-        (one token asked, or a stop), or decodes in the batch (``batch_reason is None``) or alone."""
+    def prefill_key(self, enc: Encoded, spec: PressSpec) -> tuple:
+        """Requests with equal keys have the same prefill input (token ids, and the split for split scopes):
+        one fan-out pass (fanout.py) can serve them all."""
+        return (tuple(enc.ids), enc.split if spec.scope in SPLIT_SCOPES else None)
+
+    def _new_active(self, enc: Encoded, spec: PressSpec, max_new_tokens: int, *, stop: list[str] | None,
+                    ignore_eos: bool, on_delta: Callable[[str], None] | None,
+                    cancelled: Callable[[], bool] | None) -> "Active":
+        """Validate a request and build its press: everything before its prefill."""
         ids = enc.ids
         n = len(ids)
         split_scope = spec.scope in SPLIT_SCOPES
@@ -273,35 +269,101 @@ class Engine:
         timer = PressTimer(self.device)
         if built.press is not None:
             timer.wrap(built.press)
-        needed = built.attn if built.press is not None else None
-        reason = self.batch_policy(built)
         act = Active(enc=enc, spec=spec, plan=plan, built=built, split_scope=split_scope, span=span,
                      max_new=max_new_tokens, ignore_eos=ignore_eos, cancelled=cancelled, timer=timer,
-                     detok=Detokenizer(self.tokenizer, stop, on_delta), batch_reason=reason)
+                     detok=Detokenizer(self.tokenizer, stop, on_delta), batch_reason=self.batch_policy(built))
+        act.attn_target = fanout.target_attention(built.attn if built.press is not None else None, self.base_attn)
+        return act
 
+    def _input_ids(self, enc: Encoded) -> torch.Tensor:
+        return torch.tensor([enc.ids], dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        enc: Encoded,
+        spec: PressSpec,
+        max_new_tokens: int,
+        *,
+        stop: list[str] | None = None,
+        ignore_eos: bool = False,
+        on_delta: Callable[[str], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> "Active":
+        """Tokenized prompt → compressed cache + first token, with a prefill of its own. The returned Active
+        either is done already (one token asked, or a stop), or decodes in the batch (``batch_reason is None``)
+        or alone."""
+        act = self._new_active(enc, spec, max_new_tokens, stop=stop, ignore_eos=ignore_eos, on_delta=on_delta,
+                               cancelled=cancelled)
+        input_ids = self._input_ids(enc)
+        clear_masks(self.model)
+        try:
+            pf = fanout.prefill_one(self.model, input_ids, act.span, act.built, attn=act.attn_target,
+                                    reason="alone")
+        finally:
+            clear_masks(self.model)
+        return self.resume(act, pf, input_ids)
+
+    @torch.inference_mode()
+    def prefill_group(self, enc: Encoded, variants: list["Variant"], *,
+                      fanout_max: int = fanout.DEFAULT_FANOUT_MAX) -> list[tuple[Any, Any]]:
+        """Requests with the same ``prefill_key``: ONE fan-out prefill for all that can share it. Returns per
+        request (Active, Prefilled) — each to be continued with ``resume`` one after the other (a request that
+        decodes alone before the next resumes) — or (the exception, None) for a request that cannot be served."""
+        out: list[tuple[Any, Any]] = [(None, None)] * len(variants)
+        acts: list[tuple[int, Active]] = []
+        for i, v in enumerate(variants):
+            try:
+                acts.append((i, self._new_active(enc, v.spec, v.max_new_tokens, stop=v.stop, ignore_eos=v.ignore_eos,
+                                                 on_delta=v.on_delta, cancelled=v.cancelled)))
+            except Exception as e:  # noqa: BLE001 - this request's error, reported to it alone
+                out[i] = (e, None)
+        input_ids = self._input_ids(enc)
+        by_span: dict[int, list[tuple[int, Active]]] = {}
+        for i, act in acts:
+            by_span.setdefault(act.span, []).append((i, act))
+        for span, group in by_span.items():
+            clear_masks(self.model)
+            try:
+                pfs = fanout.fanout_prefill(self.model, input_ids, span, [a.built for _, a in group],
+                                            base_attn=self.base_attn, fanout_max=fanout_max,
+                                            kv_bytes_per_token=self.kv_bytes_per_token)
+            except Exception as e:  # noqa: BLE001
+                for i, _ in group:
+                    out[i] = (e, None)
+                continue
+            finally:
+                clear_masks(self.model)
+            for (i, act), pf in zip(group, pfs):
+                out[i] = (act, pf)
+        return out
+
+    @torch.inference_mode()
+    def resume(self, act: "Active", pf: fanout.Prefilled, input_ids: torch.Tensor | None = None) -> "Active":
+        """After its (own or shared) context prefill: the question pass (split scopes) and the first token,
+        under the request's attention implementation, masks and decoding-time press."""
+        spec, built, enc = act.spec, act.built, act.enc
+        n = len(enc.ids)
+        split = enc.split if act.split_scope else None
         model = self.model
         dev = self.device
-        input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
-        cache = DynamicCache()
-        torch.manual_seed(0)  # presses with random sketches (leverage, compactor, cur) are reproducible
-        clear_masks(model)
+        if input_ids is None:
+            input_ids = self._input_ids(enc)
+        cache = pf.cache
+        act.shared_prefill, act.shared_with, act.shared_reason = pf.shared, pf.share, pf.reason
         stack = contextlib.ExitStack()  # attention switch + decoding-time press (closed even on errors)
         try:
-            act.attn_used = stack.enter_context(self._attention(needed))
-            self._sync()
+            act.attn_used = stack.enter_context(fanout.attention(model, pf.attn))
+            fanout.install_masks(model, pf.masks)
+            fanout.restore_rng(pf, dev)
             t0 = time.perf_counter()
-            if not split_scope:
-                with self._press_ctx(built, "prefill"):
-                    out = model(input_ids=input_ids, past_key_values=cache, logits_to_keep=1)
-                logits = out.logits[0, -1]
-                after = self._kv_state(cache)
+            if not act.split_scope:
+                logits = pf.logits
+                after = fanout.kv_state(cache, pf.masks, self.n_kv_heads)
                 position = cache.get_seq_length() if built.rerotates else n
                 stack.enter_context(self._press_ctx(built, "decode"))
             else:
-                if split > 0:
-                    with self._press_ctx(built, "prefill"):
-                        model.model(input_ids=input_ids[:, :split], past_key_values=cache)
-                after_ctx = self._kv_state(cache)
+                after_ctx = fanout.kv_state(cache, pf.masks, self.n_kv_heads)
                 # the question continues at the original positions (kvpress's pipeline), or right after the
                 # kept keys for presses that re-rotate them
                 start = cache.get_seq_length() if (built.rerotates and split > 0) else split
@@ -319,19 +381,22 @@ class Engine:
                 position = start + q.shape[1]
             first = logits.argmax()
             next_id = int(first)  # the one host sync of the prefill
-            act.prefill_s = time.perf_counter() - t0
+            act.prefill_s = pf.prefill_s + (time.perf_counter() - t0)
         except BaseException:
             stack.close()
             clear_masks(model)
             raise
         act.after, act.position, act.cache = after, position, cache
+        pf.cache = None  # type: ignore[assignment]  # the Active holds it now
         act.t_decode = time.perf_counter()
-        if reason is None:
+        if act.batch_reason is None:
             stack.close()  # prefill-only press: its hooks are gone; the batch decodes with kvt_ragged
+            clear_masks(model)
         else:
-            act.stack = stack  # kept open (press hooks, attention) while it decodes alone
+            act.stack = stack  # kept open (press hooks, attention, masks) while it decodes alone
         if self.accept(act, next_id):
             act.final = after
+            self._close(act)
             return act
         act.first = first.reshape(1)
         return act
@@ -433,6 +498,11 @@ class Engine:
             "batched": act.batch_reason is None,
             "batched_reason": act.batch_reason,
             "batch_size_max": act.batch_size_max,
+            # fan-out prefill: whether this request's (context) prefill came from a forward pass shared with
+            # other requests of the same prompt, how many requests that pass served (1: its own), why not shared
+            "shared_prefill": act.shared_prefill,
+            "shared_prefill_with": act.shared_with,
+            "shared_prefill_reason": act.shared_reason,
         }
         return Result(text, act.finish, n, len(act.gen), applied, act.gen)
 
@@ -463,6 +533,40 @@ class Engine:
             else:
                 self.decode_alone(act)
         return self.result(act)
+
+
+    @torch.inference_mode()
+    def generate_many(self, enc: Encoded, variants: list["Variant"], *,
+                      fanout_max: int = fanout.DEFAULT_FANOUT_MAX, max_batch: int | None = None) -> list[Any]:
+        """Several requests of one prompt end to end with nothing else in flight (tools, bench, tests): one
+        fan-out prefill, then the batchable ones decode together in one batch, the others alone. A request
+        that cannot be served gets its exception in its slot."""
+        results: list[Any] = [None] * len(variants)
+        batch = self.new_batch(max_batch or max(1, len(variants)))
+        index: dict[int, int] = {}
+        for i, (act, pf) in enumerate(self.prefill_group(enc, variants, fanout_max=fanout_max)):
+            if pf is None:
+                results[i] = act
+                continue
+            try:
+                self.resume(act, pf)
+                if act.done:
+                    results[i] = self.result(act)
+                elif act.batch_reason is not None:
+                    self.decode_alone(act)
+                    results[i] = self.result(act)
+                else:
+                    while batch.full():  # more batchable requests than rows: decode until one leaves
+                        for done in batch.step():
+                            results[index[id(done)]] = self.result(done)
+                    index[id(act)] = i
+                    batch.join(act)
+            except Exception as e:  # noqa: BLE001
+                results[i] = e
+        while batch.active:
+            for act in batch.step():
+                results[index[id(act)]] = self.result(act)
+        return results
 
 
 class PressTimer:
@@ -529,6 +633,11 @@ class Active:
     finish: str = "length"
     done: bool = False
     batch_size_max: int = 1
+    attn_target: str = ""  # the attention implementation its prefill runs under
+    shared_prefill: bool = False
+    shared_with: int = 1
+    shared_reason: str | None = "alone"
+    job: Any = None
 
 
 class Batch:
@@ -602,3 +711,15 @@ class Batch:
         eng.live_kv_tokens = int(held.sum()) // eng.n_layers if c.n else 0
         eng.live_kv_bytes = int(held.sum()) * eng.kv_bytes_per_token // eng.n_layers if c.n else 0
         return done + finished
+
+
+@dataclass
+class Variant:
+    """One request of a fan-out group (prefill_group)."""
+
+    spec: PressSpec
+    max_new_tokens: int
+    stop: list[str] | None = None
+    ignore_eos: bool = False
+    on_delta: Callable[[str], None] | None = None
+    cancelled: Callable[[], bool] | None = None

@@ -36,6 +36,10 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.monotonic)
+    enc: Any = None  # set by the worker: the encoded prompt
+    max_new: int = 0
+    key: Any = None  # engine.prefill_key: jobs with equal keys can share one prefill pass
 
     def emit(self, *event: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -151,29 +155,34 @@ class State:
 
     # the generation worker ---------------------------------------------------------------------------------
     def _worker(self) -> None:
-        """Continuous batching: between two decoding steps, admit one waiting request (its prefill), then step
-        every active sequence once. Requests whose press hooks the decoding steps decode alone (the batch
-        waits for them)."""
+        """Continuous batching: between two decoding steps, admit waiting requests (their prefill), then step
+        every active sequence once. Requests of the same prompt waiting together (or arriving within
+        --fanout-wait-ms of the first) are admitted together with ONE fan-out prefill. Requests whose press
+        hooks the decoding steps decode alone (the batch waits for them)."""
+        from collections import deque
+
         eng = self.engine
         batch = eng.new_batch(self.cfg.max_batch)
         self.batch = batch
         self.metrics.set("max_batch", self.cfg.max_batch)
+        pending: deque = deque()  # encoded jobs, in arrival order
+        ready: deque = deque()  # prefilled sequences waiting for a row of the batch
         while True:
-            job = None
-            if not batch.active:
-                job = self.jobs.get()
-            elif not batch.full():
-                try:
-                    job = self.jobs.get_nowait()
-                except queue.Empty:
-                    job = None
-            if job is not None:
-                with self._count_lock:
-                    self.waiting -= 1
-                    self.running += 1
-                    self._gauges()
-                if not self._admit(job, batch):
-                    self._release()
+            while ready and not batch.full():
+                batch.join(ready.popleft())
+            if not ready:
+                if not batch.active and not pending:
+                    self._take(self.jobs.get(), pending)
+                if not batch.full():
+                    self._drain(pending)
+                if pending and not batch.full():
+                    head = pending[0]
+                    if self.cfg.fanout_max > 1:  # wait a little for the rest of this prompt's requests
+                        self._drain(pending, until=head.arrived + self.cfg.fanout_wait_s)
+                    group = [j for j in pending if j.key == head.key][: self.cfg.fanout_max]
+                    for j in group:
+                        pending.remove(j)
+                    self._admit_group(group, batch, ready)
             if batch.active:
                 self.metrics.set("batch_size", len(batch))
                 try:
@@ -194,6 +203,56 @@ class State:
                 self._live()
             else:
                 self.metrics.set("batch_size", 0)
+
+    def _drain(self, pending, until: float | None = None) -> None:
+        """Move queued jobs into ``pending`` (encoded): those queued now, and with ``until`` those arriving
+        before that monotonic time."""
+        while True:
+            left = (until - time.monotonic()) if until is not None else 0
+            try:
+                job = self.jobs.get(timeout=left) if left > 0 else self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            self._take(job, pending)
+
+    def _take(self, job: Job, pending) -> None:
+        with self._count_lock:
+            self.waiting -= 1
+            self.running += 1
+            self._gauges()
+        if self._encode(job):
+            pending.append(job)
+        else:
+            self._release()
+
+    def _encode(self, job: Job) -> bool:
+        """Tokenize a job taken off the queue (False: it was answered with an error and is done)."""
+        from .engine import RequestError
+
+        eng, req = self.engine, job.req
+        try:
+            if job.cancel.is_set():
+                job.emit("error", 499, "client went away", None, None)
+                return False
+            separate = job.spec.scope == "kvpress_pipeline"
+            if job.kind == "completion":
+                job.enc = eng.encode_completion(req.prompt, job.spec.question_start, separate)
+                max_req = req.max_tokens
+            else:
+                msgs = [m.model_dump() for m in req.messages]
+                job.enc = eng.encode_chat(msgs, job.spec.question_start, separate)
+                max_req = req.max_completion_tokens or req.max_tokens
+            job.max_new = eng.check_length(len(job.enc.ids), max_req, self.cfg.default_max_tokens)
+            job.key = eng.prefill_key(job.enc, job.spec)
+            return True
+        except RequestError as e:
+            job.emit("error", 400, e.message, e.param, e.code)
+        except PressSpecError as e:
+            job.emit("error", 400, e.message, e.param, None)
+        except Exception as e:  # noqa: BLE001
+            log.exception("tokenization failed")
+            job.emit("error", 500, f"internal error: {type(e).__name__}: {e}", None, None)
+        return False
 
     def _release(self) -> None:
         with self._count_lock:
@@ -220,49 +279,58 @@ class State:
             job.emit("error", 500, f"internal error: {type(e).__name__}: {e}", None, None)
         self._release()
 
-    def _admit(self, job: Job, batch) -> bool:
-        """Prefill one request; True when it joined the batch (it is then delivered by the step loop)."""
-        from .engine import RequestError
+    def _admit_group(self, group: list[Job], batch, ready) -> None:
+        """Prefill a group of jobs with the same prefill input (one fan-out pass when there are several), then
+        each in turn: into the batch (or the ready queue when the batch is full), decoded alone, or done."""
+        from .engine import RequestError, Variant
 
         eng = self.engine
-        req = job.req
+        for job in group:
+            job.emit("started", len(job.enc.ids))
+
+        def on_delta(job: Job):
+            return lambda text: job.emit("delta", text)
+
         try:
-            if job.cancel.is_set():
-                job.emit("error", 499, "client went away", None, None)
-                return False
-            separate = job.spec.scope == "kvpress_pipeline"
-            if job.kind == "completion":
-                enc = eng.encode_completion(req.prompt, job.spec.question_start, separate)
-                max_req = req.max_tokens
+            if len(group) == 1:
+                j = group[0]
+                try:
+                    pairs: list = [(eng.prefill(j.enc, j.spec, j.max_new, stop=j.req.stop, ignore_eos=j.req.ignore_eos,
+                                                on_delta=on_delta(j), cancelled=j.cancel.is_set), None)]
+                except Exception as e:  # noqa: BLE001 - reported below
+                    pairs = [(e, None)]
             else:
-                msgs = [m.model_dump() for m in req.messages]
-                enc = eng.encode_chat(msgs, job.spec.question_start, separate)
-                max_req = req.max_completion_tokens or req.max_tokens
-            max_new = eng.check_length(len(enc.ids), max_req, self.cfg.default_max_tokens)
-            job.emit("started", len(enc.ids))
-
-            def on_delta(text: str) -> None:
-                job.emit("delta", text)
-
-            act = eng.prefill(enc, job.spec, max_new, stop=req.stop, ignore_eos=req.ignore_eos,
-                              on_delta=on_delta, cancelled=job.cancel.is_set)
-            act.job = job
-            if not act.done:
-                if act.batch_reason is None:
-                    batch.join(act)
-                    return True
-                eng.decode_alone(act)
-            res = eng.result(act)
-            self._account(res)
-            job.emit("done", res)
-        except RequestError as e:
-            job.emit("error", 400, e.message, e.param, e.code)
-        except PressSpecError as e:
-            job.emit("error", 400, e.message, e.param, None)
+                pairs = eng.prefill_group(group[0].enc, [
+                    Variant(j.spec, j.max_new, j.req.stop, j.req.ignore_eos, on_delta(j), j.cancel.is_set)
+                    for j in group], fanout_max=self.cfg.fanout_max)
         except Exception as e:  # noqa: BLE001
-            log.exception("generation failed")
-            job.emit("error", 500, f"internal error: {type(e).__name__}: {e}", None, None)
-        return False
+            pairs = [(e, None)] * len(group)
+        for job, (act, pf) in zip(group, pairs):
+            try:
+                if isinstance(act, BaseException):
+                    raise act
+                if pf is not None:
+                    eng.resume(act, pf)
+                act.job = job
+                if not act.done:
+                    if act.batch_reason is None:
+                        if batch.full():
+                            ready.append(act)
+                        else:
+                            batch.join(act)
+                        continue
+                    eng.decode_alone(act)
+                res = eng.result(act)
+                self._account(res)
+                job.emit("done", res)
+            except RequestError as e:
+                job.emit("error", 400, e.message, e.param, e.code)
+            except PressSpecError as e:
+                job.emit("error", 400, e.message, e.param, None)
+            except Exception as e:  # noqa: BLE001
+                log.exception("generation failed")
+                job.emit("error", 500, f"internal error: {type(e).__name__}: {e}", None, None)
+            self._release()
 
     def _account(self, res) -> None:
         m, a = self.metrics, res.applied

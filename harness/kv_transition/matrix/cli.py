@@ -110,7 +110,10 @@ def plan_dict(cfg: Any, exp: Any, inv: Any, lock_path: Optional[Path], n_request
         c0 = g.cells[0]
         groups.append({
             "group_id": g.group_id, "engine": g.engine, "model": g.model, "runtime": g.runtime, "tp": g.tp,
-            "shared_engine": g.shared, inv.kind + "s": list(gpus), "port": port, "planned_start": start,
+            "shared_engine": g.shared,
+            # cells at the same time, example-major (the engine can prefill each prompt once for all of them)
+            "interleaved": g.shared and exp.matrix.interleave and len(g.cells) > 1,
+            inv.kind + "s": list(gpus), "port": port, "planned_start": start,
             "image_ref": spec.image_ref, "image_lock": c0.image_lock, "command": spec.command, "args": spec.args,
             "env": spec.masked_env(), "docker_run": spec.docker_run() if g.runtime == "docker" else None,
             "mounts": [{"source": m.source, "target": m.target, "read_only": m.read_only, "kind": m.kind}
@@ -165,6 +168,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         console.print(f"  {line}", soft_wrap=True, highlight=False, markup=False)
         for m in g["mounts"]:
             console.print(f"  mount ({m['kind']}): {m['source']} → {m['target']} ({'ro' if m['read_only'] else 'rw'})",
+                          highlight=False, markup=False)
+        if g["interleaved"]:
+            console.print(f"  {len(g['cells'])} cells interleaved: every example's requests go out together "
+                          f"(window {exp.matrix.interleave_window}); the engine prefills each prompt once for them",
                           highlight=False, markup=False)
         if g["attention_backend"]:
             console.print(f"  attention backend pinned: {g['attention_backend']}", highlight=False, markup=False)

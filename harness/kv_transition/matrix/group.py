@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ class GroupRunner:
     cell_kwargs: dict[str, Any] = field(default_factory=dict)
     log: Callable[[str], None] = lambda s: None
     loads: dict[str, int] = field(default_factory=dict)   # group id → engine starts (shared groups)
+    interleave: bool = True                    # shared groups: cells at the same time, example-major
+    interleave_window: int = 2
 
     def run(self, group: EngineGroup, gpus: tuple[int, ...]) -> list[CellOutcome]:
         port = port_for(self.base_port, self.inv, gpus)
@@ -79,6 +82,9 @@ class GroupRunner:
 
             shared = SharedEngine(self.runtime(group.runtime), spec, labels, log_path, on_load)
         try:
+            if shared is not None and self.interleave and len(group.cells) > 1:
+                outcomes = self._interleaved(group, gpus, port, shared)
+                return outcomes
             for i, cell in enumerate(group.cells):
                 if self.cancel.is_set():
                     outcomes.append(CellOutcome(cell, "skipped", "matrix interrupted", gpus=gpus, group_id=group.group_id))
@@ -93,8 +99,43 @@ class GroupRunner:
             self.board.set(gpus, group="", cell="", cell_id="", status="idle", done=0, total=0)
         return outcomes
 
+    def _interleaved(self, group: EngineGroup, gpus: tuple[int, ...], port: int,
+                     shared: SharedEngine) -> list[CellOutcome]:
+        """Every cell of a shared group at once, each its own run_cell (own run, writer, resume, telemetry) in
+        its own thread, their requests example-major through one ExampleGate."""
+        from kv_transition.runner.gate import ExampleGate
+
+        cells = group.cells
+        gate = ExampleGate([c.cell_id for c in cells], window=self.interleave_window)
+        n_done = [0]
+        lock = threading.Lock()
+        self.board.set(gpus, group=group.label, cell=f"{len(cells)} cells interleaved", cell_id="", status="running",
+                       done=0, total=len(cells))
+
+        def one(cell: MatrixCell) -> CellOutcome:
+            try:
+                if self.cancel.is_set():
+                    return CellOutcome(cell, "skipped", "matrix interrupted", gpus=gpus, group_id=group.group_id)
+                o = self._cell(group, cell, gpus, port, shared, gate=gate)
+                # the shared engine died under every interleaved cell at once: each resumes on the restarted
+                # engine (SharedEngine.ensure restarts it at most max_restarts times, then fails fast)
+                while (o.status == "incomplete" and o.reason and "engine stopped" in o.reason
+                       and not self.cancel.is_set() and shared.start_error is None
+                       and shared.loads <= shared.max_restarts):
+                    o = self._cell(group, cell, gpus, port, shared, gate=gate)
+                return o
+            finally:
+                gate.leave(cell.cell_id)
+                with lock:
+                    n_done[0] += 1
+                    self.board.set(gpus, group=group.label, cell=f"{len(cells)} cells interleaved", cell_id="",
+                                   status="running", done=n_done[0], total=len(cells))
+
+        with ThreadPoolExecutor(max_workers=len(cells), thread_name_prefix=f"kvt-cell-{group.group_id}") as pool:
+            return list(pool.map(one, cells))
+
     def _cell(self, group: EngineGroup, cell: MatrixCell, gpus: tuple[int, ...], port: int,
-              shared: Optional[SharedEngine]) -> CellOutcome:
+              shared: Optional[SharedEngine], gate: Any = None) -> CellOutcome:
         started, t0 = utcnow(), time.monotonic()
         rt_impl: Optional[Runtime] = LentRuntime(shared) if shared else (
             self.runtime(cell.runtime) if cell.runtime != "external" else None)
@@ -103,6 +144,7 @@ class GroupRunner:
                                        engine=cell.engine, method=cell.method,
                                        compression_ratio=cell.compression_ratio, budget=cell.budget,
                                        runtime_impl=rt_impl, tensor_parallel=cell.tp, digest=cell.digest,
+                                       **({"gate": gate, "gate_key": cell.cell_id} if gate is not None else {}),
                                        **self.cell_kwargs)
             o = CellOutcome(cell, res.status, res.reason, res.n_ok, res.n_requests, gpus, group.group_id)
         except (KeyboardInterrupt, SystemExit):

@@ -73,7 +73,8 @@ class MatrixRunner:
         self.groups = GroupRunner(
             base_port=exp.matrix.base_port or cfg.engine.port, inv=inv, experiment_group=cfg.experiment.group_id,
             logs_dir=self.paths.logs_dir, runtime=self._runtime, record=self.record, paths_for=self._paths,
-            board=self.board, cancel=self.cancel, cell_kwargs=self.cell_kwargs, log=self.log)
+            board=self.board, cancel=self.cancel, cell_kwargs=self.cell_kwargs, log=self.log,
+            interleave=exp.matrix.interleave, interleave_window=exp.matrix.interleave_window)
         self.loads = self.groups.loads
 
     # -- helpers

@@ -172,6 +172,11 @@ class MatrixFile(_Strict):
     engines: dict[str, EngineEntry]
     exclude: list[Match] = Field(default_factory=list)
     overrides: list[Override] = Field(default_factory=list)
+    # request-mode groups (one engine serves every method/ratio): run the group's cells at the same time and
+    # send example-major, so each example's (press, ratio) requests reach the engine together (it can share
+    # their prefill); false = one cell after the other (baseline first)
+    interleave: bool = True
+    interleave_window: int = Field(default=2, ge=1)  # examples in flight in an interleaved group at a time
     _source: Optional[str] = PrivateAttr(default=None)  # the file it was read from (for error messages)
 
     @property

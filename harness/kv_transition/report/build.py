@@ -35,7 +35,7 @@ TASK_COLUMNS = ("cell", "engine", "method", "compression_ratio", "budget", "kv_d
                 "mean", "ci_lo", "ci_hi", "rel", "rel_ci_lo", "rel_ci_hi", "transition_bin", "transition_tokens",
                 "transition_label")
 PROVENANCE_COLUMNS = ("cell", "status", "n_ok", "n_requests", "image", "runtime", "args", "attention_backend", "model",
-                      "model_revision", "scope", "dtype", "kv_dtype", "git_sha", "config_hash")
+                      "model_revision", "scope", "dtype", "kv_dtype", "git_sha", "config_hash", "prefill_share")
 FIGURE_NAMES = ("heatmap.png", "transition_vs_budget.png", "score_small_multiples.png", "memory_pareto.png",
                 "task_heatmap.png", "latency_vs_length.png", "longbench_v2_breakdown.png",
                 # names of the first report's figures, removed when a report is rewritten
@@ -227,6 +227,12 @@ def _markdown(data: ReportData, summ: list[dict[str, Any]], pngs: list[Path], v2
                          + (f" / kv {c['kv_dtype']}" if c.get("kv_dtype") else ""),
                          str(c["provenance"]["git_sha"] or "–"), str(c["provenance"]["config_hash"])[:19]]
                         for c in data.ordered_cells()])
+    shares = [c["provenance"].get("prefill_share") for c in data.ordered_cells()]
+    if any(x is not None for x in shares):
+        lines += [f"Prefills per example (engine-reported, kv_press_applied.shared_prefill_with): "
+                  f"{sum(x for x in shares if x is not None):.2f} for the {sum(x is not None for x in shares)} cells "
+                  "served by a fan-out engine (1 per cell without sharing); per cell: `prefill_share` in "
+                  "provenance.csv.", ""]
     lines += ["Tables: `bins.csv`, `transitions.csv`, `tasks.csv`, `provenance.csv`"
               + (", `longbench_v2.csv`" if data.v2 else "") + " (and `.parquet`).", ""]
     return "\n".join(lines)
@@ -449,11 +455,15 @@ def _provenance_html(data: ReportData) -> str:
                      _td(p.get("attention_backend") or "–"),
                      _td(f"{p['model']}" + (f"@{p['model_revision']}" if p.get("model_revision") else " (no revision)")),
                      _td(p["scope"]), _td(p["dtype"] + (f" / KV {p['kv_dtype']}" if p.get("kv_dtype") else "")),
-                     _td(p.get("git_sha") or "–", "mono"), _td(str(p["config_hash"])[:19] + "…", "mono")])
+                     _td(p.get("git_sha") or "–", "mono"), _td(str(p["config_hash"])[:19] + "…", "mono"),
+                     _td("–" if p.get("prefill_share") is None else f"{p['prefill_share']:.3g}")])
         cls.append("base" if c["is_baseline"] else "")
-    return ("<p class='muted'>From the DB: the latest run and engine instance of each cell.</p>"
+    return ("<p class='muted'>From the DB: the latest run and engine instance of each cell. Prefills / request: "
+            "what the engine reported (kv_press_applied.shared_prefill_with): 1 = its own prefill, 1/k = one "
+            "forward pass shared by k requests of the same prompt (fan-out).</p>"
             + _table("provenance", ["cell", "id", "status", "image@digest", "runtime", "args", "attention",
-                                    "model@revision", "KV scope", "dtype", "git sha", "config hash"], rows, cls))
+                                    "model@revision", "KV scope", "dtype", "git sha", "config hash",
+                                    "prefills / request"], rows, cls))
 
 
 def _atomic_text(path: Path, text: str) -> None:

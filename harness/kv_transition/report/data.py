@@ -141,7 +141,19 @@ def _provenance(conn: sqlite3.Connection, cells: list[dict[str, Any]]) -> None:
             "status": c.get("status"),
             "n_ok": c.get("n_ok"), "n_requests": c.get("n_requests"),
             "kv_params": inputs.get("kv_params") or {},
+            "prefill_share": _prefill_share(conn, c["cell_id"]),
         }
+
+
+def _prefill_share(conn: sqlite3.Connection, cell_id: str) -> Optional[float]:
+    """Prefills the engine ran per answered request of this cell, as it reported them
+    (kv_press_applied.shared_prefill_with: 1 = its own prefill, 1/k = one pass shared by k requests);
+    None when the engine reports no fan-out (every other engine)."""
+    row = conn.execute(
+        "SELECT AVG(1.0 / json_extract(p.kv_applied_json, '$.shared_prefill_with')) FROM responses p"
+        " JOIN requests q USING(request_id) WHERE q.cell_id = ? AND p.kv_applied_json IS NOT NULL"
+        " AND json_extract(p.kv_applied_json, '$.shared_prefill_with') > 0", (cell_id,)).fetchone()
+    return round(float(row[0]), 4) if row and row[0] is not None else None
 
 
 #: bytes per KV element relative to a 16-bit cache, for estimating what a quantized KV cache holds

@@ -139,11 +139,14 @@ class Runner:
                  transport: Optional[httpx.AsyncBaseTransport] = None,
                  on_tick: Optional[Callable[[Counters], None]] = None, tick_s: float = 0.2,
                  cache_bust: Optional[dict[str, Any]] = None, count_tokens: Optional[Callable[[str], Optional[int]]] = None,
-                 bust_all: bool = False, server_log: Optional[Callable[[], str]] = None):
+                 bust_all: bool = False, server_log: Optional[Callable[[], str]] = None,
+                 gate: Optional[Any] = None):
         """`cache_bust`: body fields that keep a retry or a repeat > 0 from the engine's prefix cache
         ("{nonce}" = unique per attempt) — with `bust_all`, into every request (a server someone else runs
         may hold any prompt from earlier cells); `count_tokens`: the model's tokenizer, for responses whose
-        server reports no completion token count (recorded with token_source 'harness')."""
+        server reports no completion token count (recorded with token_source 'harness'); `gate`: a
+        runner.gate.CellGate — each request waits for its turn in the group's example-major order."""
+        self.gate = gate
         self.cache_bust = dict(cache_bust or {})
         self.bust_all = bust_all
         self.server_log = server_log  # the engine log's last lines, kept with a broken stream's attempt
@@ -230,7 +233,16 @@ class Runner:
         for item in it:
             if self._abort_reason is not None:
                 return
-            await self._do(client, item)
+            if self.gate is None:
+                await self._do(client, item)
+                continue
+            try:
+                await self.gate.wait(item, lambda: self._abort_reason is not None)
+                if self._abort_reason is not None:
+                    return
+                await self._do(client, item)
+            finally:
+                self.gate.done(item)
 
     async def _do(self, client: httpx.AsyncClient, item: WorkItem) -> None:
         """One work item: its request, then — for a two-request example — its follow-up, built from the
