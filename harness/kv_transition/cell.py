@@ -495,9 +495,12 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
              runtime: Optional[str] = None, base_url: Optional[str] = None,
              runtime_impl: Optional[Runtime] = None, progress: bool = False, console: Any = None,
              transport: Optional[httpx.AsyncBaseTransport] = None, watchdog_interval_s: float = 0.5,
-             tensor_parallel: Optional[int] = None, digest: Optional[str] = None) -> CellResult:
+             tensor_parallel: Optional[int] = None, digest: Optional[str] = None,
+             on_attempt: Any = None) -> CellResult:
     """`runtime_impl` may be a runtime that lends an engine already running (the matrix runner's shared
-    request-mode engines): run_cell only calls its `running()` when there is something to send."""
+    request-mode engines): run_cell only calls its `running()` when there is something to send.
+    `on_attempt(run_id, request_id, attempt_no, started_at, began)`: told when each attempt begins and ends
+    (the Ray backend's record of what was in flight when a node died)."""
     spec, rt_name, ext_url = resolve_cell_spec(cfg, engine=engine, method=method, compression_ratio=compression_ratio,
                                                budget=budget, runtime=runtime, base_url=base_url,
                                                tensor_parallel=tensor_parallel, digest=digest)
@@ -549,7 +552,8 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
                 _after_ready_events(conn, run_id, cell_id, spec, inst, items)
                 runner = Runner(inst.base_url, writer, run_id, opts, transport=transport,
                                 cache_bust=spec.cache_bust_request, count_tokens=_token_counter(cfg, paths),
-                                bust_all=rt_name == "external", server_log=lambda: rt.log_tail(inst, 20))
+                                bust_all=rt_name == "external", server_log=lambda: rt.log_tail(inst, 20),
+                                on_attempt=on_attempt)
                 sampler = None
                 if cfg.telemetry.enabled:
                     want_gpu = cfg.telemetry.nvml and spec.gpu and cfg.engine.device != "cpu"

@@ -94,7 +94,10 @@ def open_source(src: str | Path | bytes) -> sqlite3.Connection:
     mem.row_factory = sqlite3.Row
     try:
         if isinstance(src, (bytes, bytearray)):
-            mem.deserialize(bytes(src))
+            data = bytearray(src)
+            if len(data) >= 20 and data[18] == 2:  # a WAL database's bytes: open them as a rollback-journal one
+                data[18] = data[19] = 1
+            mem.deserialize(bytes(data))
         else:
             p = Path(src)
             if not p.is_file():
@@ -148,10 +151,10 @@ def group_ids(conn: sqlite3.Connection) -> set[str]:
 
 def merge_into(dst: sqlite3.Connection, src: str | Path | bytes | sqlite3.Connection, *,
                source_name: Optional[str] = None, cells: Optional[set[str]] = None,
-               manifests: bool = True, telemetry: bool = True, matrix: bool = True,
+               datasets: Optional[set[str]] = None, manifests: bool = True, telemetry: bool = True, matrix: bool = True,
                transaction: bool = True) -> MergeReport:
     """Merge `src` into `dst` (a connection from `db.connect`). `cells`: only these cells' rows (and the
-    datasets they send); `manifests` / `telemetry` / `matrix`: whether to bring those rows too. One
+    datasets they send, plus `datasets`); `manifests` / `telemetry` / `matrix`: whether to bring those rows too. One
     transaction (unless `transaction=False`: the caller holds one)."""
     from kv_transition.db.core import transaction as txn
 
@@ -168,9 +171,9 @@ def merge_into(dst: sqlite3.Connection, src: str | Path | bytes | sqlite3.Connec
                              f"{', '.join(sorted(d_groups))!r}; nothing merged (merge only DBs of one group)")
         if transaction:
             with txn(dst):
-                _merge(dst, s, rep, cells, manifests, telemetry, matrix)
+                _merge(dst, s, rep, cells, datasets, manifests, telemetry, matrix)
         else:
-            _merge(dst, s, rep, cells, manifests, telemetry, matrix)
+            _merge(dst, s, rep, cells, datasets, manifests, telemetry, matrix)
     finally:
         if own:
             s.close()
@@ -178,14 +181,14 @@ def merge_into(dst: sqlite3.Connection, src: str | Path | bytes | sqlite3.Connec
 
 
 def _merge(dst: sqlite3.Connection, s: sqlite3.Connection, rep: MergeReport, only: Optional[set[str]],
-           manifests: bool, telemetry: bool, matrix: bool) -> None:
+           only_ds: Optional[set[str]], manifests: bool, telemetry: bool, matrix: bool) -> None:
     dcols = {t: _cols(dst, t) for t in (
         "experiments", "datasets", *MANIFEST_TABLES, "cells", "runs", "engine_instances", "requests", "attempts",
         "responses", "events", "scores", *TELEMETRY_KEYS, "matrix_runs", "matrix_cells", "matrix_engines")}
     cell_rows = [dict(r) for r in s.execute("SELECT * FROM cells")]
     if only is not None:
         cell_rows = [c for c in cell_rows if c["cell_id"] in only]
-    wanted_ds = {c["dataset_id"] for c in cell_rows}
+    wanted_ds = {c["dataset_id"] for c in cell_rows} | set(only_ds or ())
     skip_cells: set[str] = set()
 
     # experiments
@@ -447,12 +450,13 @@ def empty_db() -> sqlite3.Connection:
     return mem
 
 
-def export_shard(src: sqlite3.Connection, cells: set[str], *, manifests: bool = True, telemetry: bool = True) -> bytes:
-    """The rows of `cells` (and, with `manifests`, the experiment and the datasets they send) as the
-    bytes of an SQLite database — what a remote group starts from, and what it sends back."""
+def export_shard(src: sqlite3.Connection, cells: set[str], *, datasets: Optional[set[str]] = None,
+                 manifests: bool = True, telemetry: bool = True) -> bytes:
+    """The rows of `cells` (and, with `manifests`, the experiment and the datasets they — or `datasets` —
+    send) as the bytes of an SQLite database: what a remote group starts from, and what it sends back."""
     mem = empty_db()
     try:
-        merge_into(mem, src, cells=cells, manifests=manifests, telemetry=telemetry, matrix=False)
+        merge_into(mem, src, cells=cells, datasets=datasets, manifests=manifests, telemetry=telemetry, matrix=False)
         return mem.serialize()
     finally:
         mem.close()
