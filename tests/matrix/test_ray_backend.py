@@ -125,3 +125,89 @@ def test_ray_request_gpu_groups_ask_for_tp_gpus() -> None:
     cpu = SimpleNamespace(cells=[SimpleNamespace(runtime="process", spec=SimpleNamespace(needs_gpu=False))], tp=1)
     assert ray_request(cpu) == {"num_cpus": 1}  # type: ignore[arg-type]
     assert ray_request(cpu, "kvt_slot") == {"num_cpus": 0, "resources": {"kvt_slot": 1}}  # type: ignore[arg-type]
+
+
+SLOW = {"name": "rk", "engines": {"fakekv": {"compression_ratios": [0.5], "methods": ["full", "snapkv"],
+                                             "env": {"FAKE_TOKEN_DELAY": "0.25"}}}}
+
+
+def _kill_when(paths: Any, cluster: LocalCluster, runner: Any, n_responses: int, deadline_s: float = 120) -> dict:
+    """Once the group's node is known and `n_responses` answers reached the driver's DB: kill that node."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < deadline_s:
+        lv = next(iter(runner.live_groups.values()), None)
+        if lv is not None and lv.node is not None and paths.db.exists():
+            conn = connect(paths.db)
+            try:
+                n = conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+            finally:
+                conn.close()
+            if n >= n_responses:
+                node = dict(lv.node)
+                cluster.kill_worker(node["node_id"])
+                return node
+        time.sleep(0.1)
+    raise AssertionError("the group never got going")
+
+
+def _bins(db: Path) -> dict:
+    conn = connect(db)
+    try:
+        return {(r["cell_id"], r["bin_id"]): (r["n"], r["mean"], r["rel"]) for r in rows(conn, "SELECT * FROM analysis_bins")}
+    finally:
+        conn.close()
+
+
+def _score_analyze(cpath: Path) -> None:
+    for cmd in (["score", "-q"], ["analyze"]):
+        r = subprocess.run([sys.executable, "-m", "kv_transition", cmd[0], "-c", str(cpath), *cmd[1:]],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr + r.stdout
+
+
+def test_worker_node_killed_mid_group_retried_elsewhere_exactly_once(experiment, ray_cluster: LocalCluster,
+                                                                      tmp_path: Path) -> None:
+    from kv_transition.runtime.cleanup import cleanup
+
+    cpath, mpath, cfg, paths = experiment(8, SLOW, root=tmp_path / "ray")
+    runner = _runner(cpath, mpath, ray_cluster.address)
+    box: dict[str, Any] = {}
+    th = threading.Thread(target=lambda: box.update(s=runner.run()), daemon=True)
+    th.start()
+    node = _kill_when(paths, ray_cluster, runner, 3)
+    th.join(300)
+    assert not th.is_alive()
+    s = box["s"]
+    assert s.ok, [(o.cell.label, o.reason) for o in s.outcomes]
+    conn = connect(paths.db)
+    assert _exactly_once(conn) == (16, 16)
+    # the dead node's run is closed as killed, its in-flight requests are attempts (aborted), resent elsewhere
+    killed = rows(conn, "SELECT * FROM runs WHERE status='killed'")
+    assert killed and all("worker node" in r["reason"] and r["pid"] == node["pid"] for r in killed)
+    aborted = rows(conn, "SELECT a.*, q.status FROM attempts a JOIN requests q USING(request_id)"
+                         " WHERE a.error_kind='aborted' AND a.error LIKE '%worker node%'")
+    assert aborted and all(a["run_id"] in {r["run_id"] for r in killed} for a in aborted)
+    assert all(a["status"] == "ok" for a in aborted)
+    later = rows(conn, "SELECT DISTINCT pid FROM runs WHERE status='completed'")
+    assert later and node["pid"] not in {r["pid"] for r in later}
+    assert rows(conn, "SELECT COUNT(*) n FROM events WHERE kind='node_died'")[0]["n"] >= 1
+    # no answer was sent twice: per request, one ok attempt
+    assert rows(conn, "SELECT COUNT(*) n FROM (SELECT request_id FROM attempts WHERE ok=1 GROUP BY request_id"
+                      " HAVING COUNT(*)>1)")[0]["n"] == 0
+    conn.close()
+    # nothing left running on any node (label-based cleanup ran per node at the end)
+    assert cleanup(group=cfg.experiment.group_id, runtime="process", dry_run=True).processes == []
+    # the same report as a run that was never interrupted (local backend, same cells)
+    from kv_transition.config import load_config
+    from kv_transition.matrix import expand, load_matrix
+    from kv_transition.matrix.inventory import inventory
+    from kv_transition.matrix.run import MatrixRunner
+
+    cref, mref, _, pref = experiment(8, SLOW, root=tmp_path / "ref")
+    rcfg = load_config(cref, env=dict(os.environ))
+    ref = MatrixRunner(rcfg, expand(rcfg, load_matrix(mref)), inventory(slots=1), cwd=cref.parent).run()
+    assert ref.ok, [(o.cell.label, o.reason) for o in ref.outcomes]
+    _score_analyze(cpath)
+    _score_analyze(cref)
+    got, want = _bins(paths.db), _bins(pref.db)
+    assert got and got == want
