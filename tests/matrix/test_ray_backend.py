@@ -211,3 +211,71 @@ def test_worker_node_killed_mid_group_retried_elsewhere_exactly_once(experiment,
     _score_analyze(cref)
     got, want = _bins(paths.db), _bins(pref.db)
     assert got and got == want
+
+
+def _kvt_run(cpath: Path, mpath: Path, address: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "kv_transition", "matrix", "run", "-c", str(cpath), "-m", str(mpath),
+                             "--backend", "ray", "--ray-address", address, "--ray-slot-resource", SLOT,
+                             "--ray-sync-s", "0.5", "--no-live"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ})
+
+
+def _wait_responses(db: Path, n: int, proc: subprocess.Popen, deadline_s: float = 120) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < deadline_s:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        if db.exists():
+            conn = connect(db)
+            try:
+                if conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0] >= n:
+                    return
+            finally:
+                conn.close()
+        time.sleep(0.2)
+    raise AssertionError("no responses reached the driver's DB")
+
+
+def _engines_gone(conn: Any) -> None:
+    import psutil
+
+    for r in rows(conn, "SELECT pids_json FROM engine_instances"):
+        import json
+
+        for pid in json.loads(r["pids_json"] or "[]"):
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, pid
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "driver-killed"])
+def test_driver_stops_or_dies_then_rerun_resumes(experiment, ray_cluster: LocalCluster, sig: int) -> None:
+    from kv_transition.runtime.cleanup import cleanup
+
+    cpath, mpath, cfg, paths = experiment(8, SLOW)
+    p = _kvt_run(cpath, mpath, ray_cluster.address)
+    _wait_responses(paths.db, 2, p)
+    p.send_signal(sig)
+    out = p.communicate(timeout=180)[0]
+    conn = connect(paths.db)
+    n_ok = conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+    assert 2 <= n_ok < 16
+    if sig == signal.SIGINT:
+        assert p.returncode == 130, out[-3000:]
+        assert rows(conn, "SELECT status FROM matrix_runs") == [{"status": "interrupted"}]
+        # every remote engine was stopped; label-based cleanup on each node finds nothing left
+        _engines_gone(conn)
+        assert cleanup(group=cfg.experiment.group_id, runtime="process", dry_run=True).processes == []
+        assert rows(conn, "SELECT COUNT(*) n FROM runs WHERE status='running'")[0]["n"] == 0
+    conn.close()
+    # re-running the same command resumes: only what is missing is sent
+    p2 = _kvt_run(cpath, mpath, ray_cluster.address)
+    out2 = p2.communicate(timeout=300)[0]
+    assert p2.returncode == 0, out2[-3000:]
+    conn = connect(paths.db)
+    assert _exactly_once(conn) == (16, 16)
+    assert rows(conn, "SELECT COUNT(*) n FROM runs WHERE status='running'")[0]["n"] == 0
+    assert rows(conn, "SELECT COUNT(*) n FROM (SELECT request_id FROM attempts WHERE ok=1 GROUP BY request_id"
+                      " HAVING COUNT(*)>1)")[0]["n"] == 0
+    statuses = [r["status"] for r in rows(conn, "SELECT status FROM matrix_runs ORDER BY matrix_run_id")]
+    assert statuses[-1] == "completed" and statuses[0] in ("interrupted", "killed", "running")
+    _engines_gone(conn)
+    conn.close()
+    assert cleanup(group=cfg.experiment.group_id, runtime="process", dry_run=True).processes == []
