@@ -279,3 +279,74 @@ def test_driver_stops_or_dies_then_rerun_resumes(experiment, ray_cluster: LocalC
     _engines_gone(conn)
     conn.close()
     assert cleanup(group=cfg.experiment.group_id, runtime="process", dry_run=True).processes == []
+
+
+@pytest.mark.engine
+def test_smoke_matrix_real_kvpress_on_ray_node_killed_same_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   tokenizer_cache: Path,
+                                                                   ray_cluster: LocalCluster) -> None:
+    """The smoke matrix (kvpress full + snapkv + streamingllm + knorm, one engine) on the tiny model: its
+    worker node is killed after the first answers, the group finishes on the other node; every request is
+    answered exactly once and the analysis equals an uninterrupted local-backend run's."""
+    from tests.matrix.test_kvpress_real import _kvpress_loadable
+
+    why = _kvpress_loadable()
+    if why:
+        pytest.skip(why)
+    from kv_transition.config import load_config, resolve_paths
+    from kv_transition.manifest import write_db
+    from kv_transition.matrix import expand, load_matrix
+    from kv_transition.matrix.inventory import inventory
+    from kv_transition.matrix.ray_backend import RayMatrixRunner
+    from kv_transition.matrix.run import MatrixRunner
+    from kv_transition.prepare import record_experiment
+
+    from .conftest import scorable_manifest, write_yaml
+
+    monkeypatch.delenv("KVT_ENGINES_DIR", raising=False)
+    monkeypatch.setenv("KVT_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def setup(root: Path, port: int) -> tuple[Any, Any, Path]:
+        shutil.copytree(tokenizer_cache, root / "data" / "tokenizers", dirs_exist_ok=True)
+        cpath = write_yaml(root / "config.yaml", {
+            "extends": str(REPO / "config" / "default.yaml"), "experiment": {"group_id": "kvray"},
+            "dataset": {"id": "tiny3"}, "output": {"runs_root": str(root / "runs"), "data_root": str(root / "data")},
+            "engine": {"port": port}, "telemetry": {"interval_s": 0.5}})
+        cfg = load_config(cpath, env={})
+        paths = resolve_paths(cfg, cwd=root)
+        conn = connect(paths.db)
+        record_experiment(conn, cfg)
+        write_db(conn, scorable_manifest(paths.dataset_id, 3), paths.manifest, cfg.experiment.group_id)
+        conn.close()
+        return cfg, paths, cpath
+
+    cfg, paths, cpath = setup(tmp_path / "ray", 18480)
+    exp = expand(cfg, load_matrix(REPO / "config" / "matrix" / "smoke.yaml"))
+    assert len(exp.cells) == 4 and len(exp.groups) == 1
+    runner = RayMatrixRunner(cfg, exp, address=ray_cluster.address, slot_resource=SLOT, cwd=tmp_path / "ray",
+                             sync_s=0.5, log=print)
+    box: dict[str, Any] = {}
+    th = threading.Thread(target=lambda: box.update(s=runner.run()), daemon=True)
+    th.start()
+    node = _kill_when(paths, ray_cluster, runner, 2, deadline_s=300)
+    th.join(600)
+    assert not th.is_alive()
+    s = box["s"]
+    assert s.ok, [(o.cell.label, o.reason) for o in s.outcomes]
+    conn = connect(paths.db)
+    assert _exactly_once(conn) == (12, 12)
+    assert rows(conn, "SELECT COUNT(*) n FROM runs WHERE status='killed' AND pid=?", (node["pid"],))[0]["n"] >= 1
+    applied = [r["kv_applied_json"] for r in rows(conn, "SELECT kv_applied_json FROM responses")]
+    assert any(a and "snapkv" in a for a in applied), applied
+    assert rows(conn, "SELECT COUNT(*) n FROM matrix_engines")[0]["n"] >= 2   # loaded on both nodes
+    conn.close()
+    # the reference: the same matrix, never interrupted, on the local backend
+    rcfg, rpaths, rcpath = setup(tmp_path / "ref", 18490)
+    ref = MatrixRunner(rcfg, expand(rcfg, load_matrix(REPO / "config" / "matrix" / "smoke.yaml")), inventory(slots=1),
+                       cwd=tmp_path / "ref").run()
+    assert ref.ok, [(o.cell.label, o.reason) for o in ref.outcomes]
+    _score_analyze(cpath)
+    _score_analyze(rcpath)
+    got, want = _bins(paths.db), _bins(rpaths.db)
+    assert got and got == want

@@ -183,9 +183,13 @@ class GroupWorker:
     def where(self) -> dict[str, Any]:
         import ray
 
+        from kv_transition import __version__
+        from kv_transition.cell import git_sha
+
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "host": socket.gethostname(), "pid": os.getpid(),
-                "ip": ray.util.get_node_ip_address(), "gpus": [int(g) for g in ray.get_gpu_ids()]}
+                "ip": ray.util.get_node_ip_address(), "gpus": [int(g) for g in ray.get_gpu_ids()],
+                "harness": f"{__version__} {git_sha() or ''}".strip()}
 
     def _runtime(self, name: str) -> Any:
         from kv_transition.runtime.base import get_runtime
@@ -326,6 +330,13 @@ class RayMatrixRunner(MatrixRunner):
         self.lock = threading.Lock()
 
     # -- helpers
+    @staticmethod
+    def _harness() -> str:
+        from kv_transition import __version__
+        from kv_transition.cell import git_sha
+
+        return f"{__version__} {git_sha() or ''}".strip()
+
     def _connect(self) -> Any:
         if self.ray is None:
             self.ray = connect_ray(self.address)
@@ -455,8 +466,18 @@ class RayMatrixRunner(MatrixRunner):
                 from kv_transition.db.merge import refresh_cells
 
                 refresh_cells(conn, cells)
+                engines = {} if not runs else {r["ident"]: dict(r) for r in conn.execute(
+                    f"SELECT * FROM engine_instances WHERE run_id IN ({','.join('?' * len(runs))}) AND ident IS NOT NULL",
+                    [r[0] for r in runs])}
         finally:
             conn.close()
+        if live.group.shared:  # the dead node's engine load never reported its end: record it here
+            for e in engines.values():
+                inst = types.SimpleNamespace(runtime=e["runtime"], ident=e["ident"], image_digest=e["image_digest"],
+                                             started_at=e["started_at"], ready_at=e["ready_at"], stopped_at=now,
+                                             exit_code=None, spec=types.SimpleNamespace(port=None, digest=None))
+                self.record.load(live.group, tuple(node.get("gpus") or ()), inst, "the worker node died")  # type: ignore[arg-type]
+                self.loads[live.group.group_id] = self.loads.get(live.group.group_id, 0) + 1
         self.log(f"{live.group.group_id}: {reason}; {len(live.in_flight)} in-flight request(s) recorded as aborted attempts")
 
     def _close_orphans(self) -> None:
@@ -586,6 +607,9 @@ class RayMatrixRunner(MatrixRunner):
                     self.log(f"{key}: on node {lv.node['host']} {lv.node['node_id'][:8]} (pid {lv.node['pid']}"
                              + (f", GPUs {','.join(map(str, lv.node['gpus']))}" if lv.node["gpus"] else "") + ")")
                     lv.last_poll = now
+                    if lv.node.get("harness") != self._harness():
+                        self.log(f"note: {key}: node {lv.node['host']} runs harness {lv.node.get('harness')}, this "
+                                 f"driver {self._harness()} (install the same checkout on every node)")
                 if lv.poll_ref is None and (final or now - lv.last_poll >= self.sync_s):
                     lv.poll_ref = lv.actor.poll.remote()
                 if lv.poll_ref is not None:
