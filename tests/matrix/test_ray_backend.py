@@ -350,3 +350,37 @@ def test_smoke_matrix_real_kvpress_on_ray_node_killed_same_report(tmp_path: Path
     _score_analyze(rcpath)
     got, want = _bins(paths.db), _bins(rpaths.db)
     assert got and got == want
+
+
+def test_no_cluster_at_the_address_is_one_line_exit_2(experiment) -> None:
+    pytest.importorskip("ray")
+    cpath, mpath, cfg, paths = experiment(2, TWO)
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "kv_transition", "matrix", "run", "-c", str(cpath), "-m", str(mpath),
+                        "--backend", "ray", "--ray-address", "127.0.0.1:9"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("kvt: error")]
+    assert len(err) == 1 and "127.0.0.1:9" in err[0] and "ray start --head" in err[0]
+    assert time.monotonic() - t0 < 60
+    conn = connect(paths.db)
+    assert rows(conn, "SELECT COUNT(*) n FROM matrix_runs")[0]["n"] == 0   # nothing written
+    conn.close()
+
+
+def test_a_request_no_node_can_hold_is_refused_before_anything_starts() -> None:
+    from types import SimpleNamespace
+
+    from kv_transition.errors import ConfigError
+    from kv_transition.matrix.ray_backend import check_feasible
+
+    g = SimpleNamespace(group_id="vllm.llama-x", tp=8,
+                        cells=[SimpleNamespace(runtime="docker", spec=SimpleNamespace(needs_gpu=True))])
+    exp = SimpleNamespace(groups=[g])
+    nodes = [{"CPU": 32.0, "GPU": 4.0}, {"CPU": 32.0, "GPU": 4.0}]   # 8 GPUs in all, but never 8 on one node
+    with pytest.raises(ConfigError, match=r"vllm.llama-x: asks Ray for GPU=8 CPU=1 but no node"):
+        check_feasible(exp, nodes, None)  # type: ignore[arg-type]
+    check_feasible(exp, nodes + [{"CPU": 64.0, "GPU": 8.0}], None)  # type: ignore[arg-type]
+    cpu = SimpleNamespace(group_id="kvpress.tiny", tp=1,
+                          cells=[SimpleNamespace(runtime="process", spec=SimpleNamespace(needs_gpu=False))])
+    with pytest.raises(ConfigError, match="kvt_slot=1"):
+        check_feasible(SimpleNamespace(groups=[cpu]), nodes, "kvt_slot")  # type: ignore[arg-type]

@@ -285,6 +285,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         runner: Any = RayMatrixRunner(cfg, exp, address=args.ray_address, max_retries=args.ray_max_retries,
                                       sync_s=args.ray_sync_s, slot_resource=args.ray_slot_resource, **common)
+        runner.connect()  # no cluster, or a request no node can hold: exit 2 before any manifest or row
     else:
         runner = MatrixRunner(cfg, exp, inv, live=live, **common)
     runner.prepare()

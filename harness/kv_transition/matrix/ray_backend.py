@@ -83,10 +83,9 @@ def plan_ray(exp: Expansion, slot_resource: Optional[str] = None) -> list[dict[s
     return out
 
 
-def check_feasible(exp: Expansion, totals: dict[str, float], slot_resource: Optional[str]) -> None:
-    """Every group's request fits some node's resources (else it would wait forever): exit 2 naming the
-    first that cannot."""
-    nodes = totals.get("_nodes") or []
+def check_feasible(exp: Expansion, nodes: list[dict[str, float]], slot_resource: Optional[str]) -> None:
+    """Every group's request fits some live node's resources (else it would wait forever): exit 2 naming
+    the first that cannot."""
     for g in exp.groups:
         req = ray_request(g, slot_resource)
         need = {"GPU": req.get("num_gpus", 0), "CPU": req.get("num_cpus", 0), **(req.get("resources") or {})}
@@ -116,6 +115,15 @@ def connect_ray(address: Optional[str]) -> Any:
     addr = address or "auto"
     if ray.is_initialized():
         return ray
+    probe = os.environ.get("RAY_ADDRESS", "") if addr == "auto" else addr
+    hostport = probe.split("://", 1)[-1]
+    if ":" in hostport:  # Ray itself retries a dead address for minutes: one quick TCP check first
+        host, _, port = hostport.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        except (OSError, ValueError) as e:
+            raise RayUnavailableError(f"--ray-address {addr}: no Ray cluster answers at {hostport} ({e}); start one "
+                                      "first: `ray start --head` (see README: running on a Ray cluster)") from None
     try:
         ray.init(address=addr, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -337,9 +345,10 @@ class RayMatrixRunner(MatrixRunner):
 
         return f"{__version__} {git_sha() or ''}".strip()
 
-    def _connect(self) -> Any:
+    def connect(self) -> Any:
         if self.ray is None:
             self.ray = connect_ray(self.address)
+            check_feasible(self.exp, node_resources(self.ray), self.slot_resource)
         return self.ray
 
     def _merge(self, rows: bytes, what: str) -> None:
@@ -506,13 +515,13 @@ class RayMatrixRunner(MatrixRunner):
 
     def cleanup_stale(self) -> None:
         """Label-based cleanup of this group's leftover engines on every live node."""
-        self._connect()
+        self.connect()
         self._close_orphans()
         for line in self.cleanup_nodes():
             self.log(f"stale engine: {line}")
 
     def cleanup_nodes(self, timeout_s: float = 120.0) -> list[str]:
-        ray = self._connect()
+        ray = self.connect()
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         kinds = sorted({c.runtime for c in self.exp.cells} & {"process", "docker"})
@@ -539,9 +548,8 @@ class RayMatrixRunner(MatrixRunner):
     def run(self) -> MatrixSummary:
         from kv_transition.runtime.signals import stop_on_signals
 
-        ray = self._connect()
+        ray = self.connect()
         t0 = time.monotonic()
-        check_feasible(self.exp, {"_nodes": node_resources(ray)}, self.slot_resource)  # type: ignore[dict-item]
         self.record.start(self.cfg.experiment.group_id, self.exp.matrix.name, self.matrix_path, self.matrix_sha256,
                           self.lock_data, {"kind": "ray", "devices": [], "address": self.address or "auto",
                                            "nodes": len(node_resources(ray))}, len(self.exp.cells))
