@@ -131,10 +131,14 @@ SLOW = {"name": "rk", "engines": {"fakekv": {"compression_ratios": [0.5], "metho
                                              "env": {"FAKE_TOKEN_DELAY": "0.25"}}}}
 
 
-def _kill_when(paths: Any, cluster: LocalCluster, runner: Any, n_responses: int, deadline_s: float = 120) -> dict:
+def _kill_when(paths: Any, cluster: LocalCluster, runner: Any, n_responses: int, th: threading.Thread,
+               box: dict, deadline_s: float = 120) -> dict:
     """Once the group's node is known and `n_responses` answers reached the driver's DB: kill that node."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < deadline_s:
+        if not th.is_alive():
+            s = box.get("s")
+            raise AssertionError(f"the matrix ended before the kill: {s and [(o.cell.label, o.reason) for o in s.outcomes]}")
         lv = next(iter(runner.live_groups.values()), None)
         if lv is not None and lv.node is not None and paths.db.exists():
             conn = connect(paths.db)
@@ -174,7 +178,7 @@ def test_worker_node_killed_mid_group_retried_elsewhere_exactly_once(experiment,
     box: dict[str, Any] = {}
     th = threading.Thread(target=lambda: box.update(s=runner.run()), daemon=True)
     th.start()
-    node = _kill_when(paths, ray_cluster, runner, 3)
+    node = _kill_when(paths, ray_cluster, runner, 3, th, box)
     th.join(300)
     assert not th.is_alive()
     s = box["s"]
@@ -329,7 +333,7 @@ def test_smoke_matrix_real_kvpress_on_ray_node_killed_same_report(tmp_path: Path
     box: dict[str, Any] = {}
     th = threading.Thread(target=lambda: box.update(s=runner.run()), daemon=True)
     th.start()
-    node = _kill_when(paths, ray_cluster, runner, 2, deadline_s=300)
+    node = _kill_when(paths, ray_cluster, runner, 2, th, box, deadline_s=300)
     th.join(600)
     assert not th.is_alive()
     s = box["s"]

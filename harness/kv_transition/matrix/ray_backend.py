@@ -174,6 +174,8 @@ class GroupWorker:
     node against a node-local shard DB, reports its rows on `poll`."""
 
     def __init__(self, env: dict[str, str]):
+        for k in [k for k in os.environ if k.startswith(ENV_PREFIXES) and k not in env]:
+            del os.environ[k]  # the driver's settings, not what the node's raylet was started with
         os.environ.update(env)
         self.thread: Optional[threading.Thread] = None
         self.cancel = threading.Event()
@@ -633,6 +635,7 @@ class RayMatrixRunner(MatrixRunner):
                         lv.done = True
                         got = res["outcomes"] or []
                         if res["error"]:
+                            self.log(f"{key}: group error on {lv.node['host']}: {res['error']}")
                             seen = {o.cell.cell_id for o in got}
                             got += [CellOutcome(c, "failed", f"group error: {res['error']}", group_id=key)
                                     for c in lv.group.cells if c.cell_id not in seen]
