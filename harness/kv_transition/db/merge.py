@@ -15,7 +15,7 @@ databases, so every row is matched by its stable key and its ids are re-mapped:
 | runs              | (cell_id, host, pid, started_at)                               |
 | requests          | UNIQUE (cell_id, example_id, repeat)                           |
 | attempts          | (request, run, started_at); attempt_no renumbered when taken   |
-| responses, scores | the request; a different text / score is a conflict            |
+| responses, followups, scores | the request; a different text / score is a conflict |
 | engine_instances  | (run, ident, started_at)                                       |
 | telemetry, events | (run, t, …) — the whole row's identity                         |
 | matrix_runs       | (group_id, host, pid, started_at); matrix_cells (run, cell_id), matrix_engines (run, group, ident, started_at) |
@@ -184,7 +184,8 @@ def _merge(dst: sqlite3.Connection, s: sqlite3.Connection, rep: MergeReport, onl
            only_ds: Optional[set[str]], manifests: bool, telemetry: bool, matrix: bool) -> None:
     dcols = {t: _cols(dst, t) for t in (
         "experiments", "datasets", *MANIFEST_TABLES, "cells", "runs", "engine_instances", "requests", "attempts",
-        "responses", "events", "scores", *TELEMETRY_KEYS, "matrix_runs", "matrix_cells", "matrix_engines")}
+        "responses", "followups", "events", "scores", *TELEMETRY_KEYS, "matrix_runs", "matrix_cells",
+        "matrix_engines") if _has(dst, t)}
     cell_rows = [dict(r) for r in s.execute("SELECT * FROM cells")]
     if only is not None:
         cell_rows = [c for c in cell_rows if c["cell_id"] in only]
@@ -318,6 +319,23 @@ def _merge(dst: sqlite3.Connection, s: sqlite3.Connection, rep: MergeReport, onl
             _insert(dst, "responses", {**p, "request_id": rid, "run_id": run, "attempt_no": no}, dcols["responses"])
             dst.execute("UPDATE requests SET status='ok', last_error=NULL WHERE request_id=?", (rid,))
             rep.add("responses")
+        # follow-ups (the second request of a two-request example): like responses
+        if "followups" in dcols and _has(s, "followups"):
+            for p in s.execute("SELECT f.* FROM followups f JOIN requests q USING(request_id) WHERE q.cell_id=?", (cid,)):
+                p = dict(p)
+                rid, run = req_map.get(p["request_id"]), run_map.get(p["run_id"])
+                if rid is None or run is None:
+                    continue
+                d = dst.execute("SELECT text FROM followups WHERE request_id=?", (rid,)).fetchone()
+                if d is not None:
+                    if d["text"] == p["text"]:
+                        rep.same("followups")
+                    else:
+                        rep.conflicts.append(f"follow-up of {cid} request {p['request_id']}: a different answer there")
+                    continue
+                no = att_map.get((p["request_id"], p["attempt_no"]), p["attempt_no"])
+                _insert(dst, "followups", {**p, "request_id": rid, "run_id": run, "attempt_no": no}, dcols["followups"])
+                rep.add("followups")
         # scores
         for sc in s.execute("SELECT * FROM scores WHERE cell_id=?", (cid,)):
             sc = dict(sc)
