@@ -155,3 +155,30 @@ def test_another_group_is_refused_with_one_line(experiment, tmp_path: Path) -> N
     assert _count(pa.db, "SELECT COUNT(*) FROM runs") == n
     r = _kvt("db", "merge", "--into", str(pa.db), str(tmp_path / "missing.sqlite"))
     assert r.returncode == 2 and "no such database" in r.stderr
+
+
+def test_follow_up_answers_merge_with_their_request(experiment, tmp_path: Path) -> None:
+    """A two-request example's follow-up (table followups) travels with its request, ids re-mapped."""
+    cpa, mpa, cfg, pa = experiment(2, {**BOTH, "engines": {"fakekv": {**BOTH["engines"]["fakekv"], "methods": ["full"]}}})
+    assert _run(cpa, mpa).ok
+    b = tmp_path / "b.sqlite"
+    shutil.copy(pa.db, b)
+    conn = connect(b)
+    q = rows(conn, "SELECT p.request_id, p.run_id, p.attempt_no, q.example_id FROM responses p JOIN requests q"
+                   " USING(request_id) ORDER BY p.request_id LIMIT 1")[0]
+    conn.execute("INSERT INTO followups(request_id, attempt_no, run_id, prompt, prompt_truncated, text, e2e_s, itl_json,"
+                 " n_chunks, streamed, created_at) VALUES (?,?,?,'step 2',0,'The answer is (A)',0.1,'[]',1,1,'t')",
+                 (q["request_id"], q["attempt_no"], q["run_id"]))
+    conn.close()
+    fresh = tmp_path / "fresh.sqlite"   # a DB that has only the manifest: every id is new there
+    r = _kvt("db", "merge", "--into", str(fresh), str(b))
+    assert r.returncode == 0, r.stderr + r.stdout
+    conn = connect(fresh)
+    got = rows(conn, "SELECT f.text, q.example_id, r.cell_id = q.cell_id AS same_cell FROM followups f"
+                     " JOIN requests q USING(request_id) JOIN runs r ON r.run_id = f.run_id")
+    conn.close()
+    assert got == [{"text": "The answer is (A)", "example_id": q["example_id"], "same_cell": 1}]
+    r = _kvt("db", "merge", "--into", str(fresh), str(b), "--json")
+    import json
+
+    assert sum(json.loads(r.stdout)["sources"][0]["added"].values()) == 0

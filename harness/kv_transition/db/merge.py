@@ -152,10 +152,12 @@ def group_ids(conn: sqlite3.Connection) -> set[str]:
 def merge_into(dst: sqlite3.Connection, src: str | Path | bytes | sqlite3.Connection, *,
                source_name: Optional[str] = None, cells: Optional[set[str]] = None,
                datasets: Optional[set[str]] = None, manifests: bool = True, telemetry: bool = True, matrix: bool = True,
-               transaction: bool = True) -> MergeReport:
+               transaction: bool = True, skip_runs: Optional[set[int]] = None) -> MergeReport:
     """Merge `src` into `dst` (a connection from `db.connect`). `cells`: only these cells' rows (and the
-    datasets they send, plus `datasets`); `manifests` / `telemetry` / `matrix`: whether to bring those rows too. One
-    transaction (unless `transaction=False`: the caller holds one)."""
+    datasets they send, plus `datasets`); `manifests` / `telemetry` / `matrix`: whether to bring those rows too;
+    `skip_runs`: source run ids whose engine/telemetry/event rows the destination already has (a remote
+    group's finished runs, sent with an earlier batch). One transaction (unless `transaction=False`: the
+    caller holds one)."""
     from kv_transition.db.core import transaction as txn
 
     own = not isinstance(src, sqlite3.Connection)
@@ -171,9 +173,9 @@ def merge_into(dst: sqlite3.Connection, src: str | Path | bytes | sqlite3.Connec
                              f"{', '.join(sorted(d_groups))!r}; nothing merged (merge only DBs of one group)")
         if transaction:
             with txn(dst):
-                _merge(dst, s, rep, cells, datasets, manifests, telemetry, matrix)
+                _merge(dst, s, rep, cells, datasets, manifests, telemetry, matrix, skip_runs or set())
         else:
-            _merge(dst, s, rep, cells, datasets, manifests, telemetry, matrix)
+            _merge(dst, s, rep, cells, datasets, manifests, telemetry, matrix, skip_runs or set())
     finally:
         if own:
             s.close()
@@ -181,7 +183,7 @@ def merge_into(dst: sqlite3.Connection, src: str | Path | bytes | sqlite3.Connec
 
 
 def _merge(dst: sqlite3.Connection, s: sqlite3.Connection, rep: MergeReport, only: Optional[set[str]],
-           only_ds: Optional[set[str]], manifests: bool, telemetry: bool, matrix: bool) -> None:
+           only_ds: Optional[set[str]], manifests: bool, telemetry: bool, matrix: bool, skip_runs: set[int]) -> None:
     dcols = {t: _cols(dst, t) for t in (
         "experiments", "datasets", *MANIFEST_TABLES, "cells", "runs", "engine_instances", "requests", "attempts",
         "responses", "followups", "events", "scores", *TELEMETRY_KEYS, "matrix_runs", "matrix_cells",
@@ -354,6 +356,8 @@ def _merge(dst: sqlite3.Connection, s: sqlite3.Connection, rep: MergeReport, onl
 
     # per run: engine instances, telemetry, events
     for srun, drun in run_map.items():
+        if srun in skip_runs:
+            continue
         for e in s.execute("SELECT * FROM engine_instances WHERE run_id=? ORDER BY instance_id", (srun,)):
             e = dict(e)
             d = dst.execute("SELECT instance_id, stopped_at FROM engine_instances WHERE run_id=?"
@@ -469,12 +473,13 @@ def empty_db() -> sqlite3.Connection:
 
 
 def export_shard(src: sqlite3.Connection, cells: set[str], *, datasets: Optional[set[str]] = None,
-                 manifests: bool = True, telemetry: bool = True) -> bytes:
+                 manifests: bool = True, telemetry: bool = True, skip_runs: Optional[set[int]] = None) -> bytes:
     """The rows of `cells` (and, with `manifests`, the experiment and the datasets they — or `datasets` —
     send) as the bytes of an SQLite database: what a remote group starts from, and what it sends back."""
     mem = empty_db()
     try:
-        merge_into(mem, src, cells=cells, datasets=datasets, manifests=manifests, telemetry=telemetry, matrix=False)
+        merge_into(mem, src, cells=cells, datasets=datasets, manifests=manifests, telemetry=telemetry, matrix=False,
+                   skip_runs=skip_runs)
         return mem.serialize()
     finally:
         mem.close()

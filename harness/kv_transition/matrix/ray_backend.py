@@ -188,6 +188,7 @@ class GroupWorker:
         self.log = NodeLog()
         self.shard: Optional[Path] = None
         self.cells: set[str] = set()
+        self.sent_final: set[int] = set()   # shard run ids whose final rows the driver has
         self.node: dict[str, Any] = {}
 
     def where(self) -> dict[str, Any]:
@@ -267,7 +268,9 @@ class GroupWorker:
         assert self.shard is not None
         mem = open_source(self.shard)  # a consistent copy (SQLite's backup) while run_cell keeps writing
         try:
-            rows = export_shard(mem, self.cells, manifests=False)
+            # a finished run's engine/telemetry/event rows went with an earlier pull: not again
+            rows = export_shard(mem, self.cells, manifests=False, skip_runs=self.sent_final)
+            self.sent_final |= {int(r[0]) for r in mem.execute("SELECT run_id FROM runs WHERE status<>'running'")}
             flight = []
             for (rid, n), (run_id, started) in flying.items():
                 q = mem.execute("SELECT cell_id, example_id, repeat FROM requests WHERE request_id=?", (rid,)).fetchone()
@@ -642,9 +645,19 @@ class RayMatrixRunner(MatrixRunner):
                         out += got
                         ray.kill(lv.actor)
             except Exception as e:  # noqa: BLE001 - RayActorError & co: the actor (its node) is gone
-                if not _actor_gone(ray, e):
-                    raise
                 lv.done = True
+                if not _actor_gone(ray, e):  # the group's code failed on the node: this group fails, not the matrix
+                    why = f"group error on the node: {type(e).__name__}: {str(e).splitlines()[-1][:300] if str(e) else ''}"
+                    self.log(f"{key}: {why}")
+                    for c in lv.group.cells:
+                        o = CellOutcome(c, "failed", why, group_id=key)
+                        self.record.cell(o, None, _now())
+                        out.append(o)
+                    try:
+                        ray.kill(lv.actor)
+                    except Exception:  # noqa: BLE001
+                        pass
+                    continue
                 self._record_death(lv, type(e).__name__)
                 if final or self.cancel.is_set() or lv.attempt >= self.max_retries:
                     why = (f"worker node died; not retried (--ray-max-retries {self.max_retries})"
