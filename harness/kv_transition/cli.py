@@ -427,6 +427,13 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
     rep = cleanup(group=args.group, runtime=args.runtime, registry_dir=args.registry, dry_run=args.dry_run,
                   force=args.force)
+    if getattr(args, "ray_address", None):  # and on every node of a Ray cluster (engines of --backend ray)
+        from kv_transition.matrix.ray_backend import cleanup_cluster, connect_ray
+
+        kinds = ["docker", "process"] if args.runtime == "all" else [args.runtime]
+        for line in cleanup_cluster(connect_ray(args.ray_address), args.group, kinds, dry_run=args.dry_run,
+                                    force=args.force):
+            print(f"node {line}")
     if args.config:  # the config's own DB
         cfg, paths = _load(argparse.Namespace(config=args.config, override=args.override))
         dbs = [paths.db] if paths.db.is_file() else []
@@ -617,6 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE",
                     help="override one key of --config (repeatable)")
     sp.add_argument("--runs-root", default="runs", help="where the groups' DBs live (default: runs)")
+    sp.add_argument("--ray-address", metavar="ADDR", help="also clean every node of this Ray cluster (auto, HOST:PORT, "
+                    "ray://HOST:PORT): the engines `kvt matrix run --backend ray` started there")
 
     sp = add("methods", cmd_methods, "list every engine's KV methods with their properties (from the catalogs)",
              config=False)

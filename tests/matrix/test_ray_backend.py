@@ -268,6 +268,18 @@ def test_driver_stops_or_dies_then_rerun_resumes(experiment, ray_cluster: LocalC
         _engines_gone(conn)
         assert cleanup(group=cfg.experiment.group_id, runtime="process", dry_run=True).processes == []
         assert rows(conn, "SELECT COUNT(*) n FROM runs WHERE status='running'")[0]["n"] == 0
+    else:
+        # the driver's actors died with it; their engines are orphans on the nodes: the label-based cleanup
+        # reaches them through the cluster (this host's own registry is left out: --registry of an empty dir)
+        time.sleep(3)
+        r = subprocess.run([sys.executable, "-m", "kv_transition", "cleanup", "--group", cfg.experiment.group_id,
+                            "--runtime", "process", "--registry", str(paths.run_dir / "empty-registry"),
+                            "--runs-root", str(paths.runs_root), "--ray-address", ray_cluster.address],
+                           capture_output=True, text=True, timeout=120, env={**os.environ})
+        assert r.returncode == 0, r.stderr
+        assert any(ln.startswith("node ") and "process group" in ln for ln in r.stdout.splitlines()), r.stdout
+        _engines_gone(conn)
+        assert cleanup(group=cfg.experiment.group_id, runtime="process", dry_run=True).processes == []
     conn.close()
     # re-running the same command resumes: only what is missing is sent
     p2 = _kvt_run(cpath, mpath, ray_cluster.address)

@@ -298,19 +298,43 @@ class GroupWorker:
         return True
 
 
-def node_cleanup(group: str, kinds: list[str]) -> dict[str, Any]:
+def node_cleanup(group: Optional[str], kinds: list[str], dry_run: bool = False, force: bool = False) -> dict[str, Any]:
     """Label-based cleanup of this experiment group's engines on the node it runs on."""
     from kv_transition.runtime.cleanup import cleanup
 
     lines, skipped = [], []
     for kind in kinds:
         try:
-            rep = cleanup(group=group, runtime=kind)
+            rep = cleanup(group=group, runtime=kind, dry_run=dry_run, force=force)
             lines += rep.lines()
             skipped += rep.skipped
         except Exception as e:  # noqa: BLE001 - a note per node, never a failure
             skipped.append(f"{kind}: {e}")
     return {"host": socket.gethostname(), "lines": lines, "skipped": skipped}
+
+
+def cleanup_cluster(ray: Any, group: Optional[str], kinds: list[str], *, dry_run: bool = False, force: bool = False,
+                    timeout_s: float = 120.0) -> list[str]:
+    """`node_cleanup` on every live node of the cluster (one task pinned to each node) → lines, each
+    prefixed with the node's host name."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(node_cleanup)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    refs = [task.options(num_cpus=0, runtime_env={"env_vars": forwarded_env()},
+                         scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                         ).remote(group, kinds, dry_run, force) for n in nodes]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    out = [f"cleanup: {len(refs) - len(ready)} node(s) did not answer within {timeout_s:.0f} s"] if len(ready) < len(refs) else []
+    for r in ready:
+        try:
+            res = ray.get(r)
+        except Exception as e:  # noqa: BLE001 - a node that went away meanwhile
+            out.append(f"cleanup on a node failed: {type(e).__name__}")
+            continue
+        out += [f"{res['host']}: {line}" for line in res["lines"]]
+        out += [f"{res['host']}: note: {s}" for s in res["skipped"]]
+    return out
 
 
 # --- the driver -------------------------------------------------------------------------------------
@@ -526,28 +550,8 @@ class RayMatrixRunner(MatrixRunner):
             self.log(f"stale engine: {line}")
 
     def cleanup_nodes(self, timeout_s: float = 120.0) -> list[str]:
-        ray = self.connect()
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
         kinds = sorted({c.runtime for c in self.exp.cells} & {"process", "docker"})
-        if not kinds:
-            return []
-        task = ray.remote(node_cleanup)
-        refs = [task.options(num_cpus=0, runtime_env={"env_vars": forwarded_env()},
-                             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-                             ).remote(self.cfg.experiment.group_id, kinds)
-                for n in ray.nodes() if n.get("Alive")]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        out = []
-        for r in ready:
-            try:
-                res = ray.get(r)
-            except Exception as e:  # noqa: BLE001 - a node that went away meanwhile
-                out.append(f"cleanup on a node failed: {type(e).__name__}")
-                continue
-            out += [f"{res['host']}: {line}" for line in res["lines"]]
-            out += [f"{res['host']}: note: {s}" for s in res["skipped"]]
-        return out
+        return cleanup_cluster(self.connect(), self.cfg.experiment.group_id, kinds, timeout_s=timeout_s) if kinds else []
 
     # -- the whole matrix
     def run(self) -> MatrixSummary:
