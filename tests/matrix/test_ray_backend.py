@@ -39,8 +39,9 @@ def cluster() -> Iterator[LocalCluster]:
 
 
 @pytest.fixture
-def ray_cluster(cluster: LocalCluster) -> LocalCluster:
+def ray_cluster(cluster: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LocalCluster:
     cluster.ensure_workers(2)
+    monkeypatch.setenv("KVT_RAY_WORKDIR", str(tmp_path / "nodes"))  # the nodes' shards and engine logs
     return cluster
 
 
@@ -86,6 +87,10 @@ def test_groups_run_on_the_nodes_and_merge_into_one_db(experiment, ray_cluster: 
     assert len(rows(conn, "SELECT * FROM matrix_engines")) == 1   # the shared request-mode engine, loaded once
     assert rows(conn, "SELECT COUNT(*) n FROM telemetry_host")[0]["n"] > 0
     assert rows(conn, "SELECT COUNT(*) n FROM engine_instances")[0]["n"] == 3
+    # the engine logs stayed on the nodes (their paths recorded); the shards are gone once merged
+    logs = [r["log_path"] for r in rows(conn, "SELECT log_path FROM engine_instances")]
+    assert all(lp and Path(lp).is_file() and str(paths.runs_root.parent / "nodes") in lp for lp in logs)
+    assert not list((paths.runs_root.parent / "nodes").rglob("shard.sqlite"))
     n_att = rows(conn, "SELECT COUNT(*) n FROM attempts")[0]["n"]
     conn.close()
     # resume: complete groups start no actor, send nothing

@@ -283,6 +283,14 @@ class GroupWorker:
         return {"done": done, "rows": rows, "in_flight": flight, "records": records,
                 "outcomes": self.outcomes if done else None, "error": self.error if done else None}
 
+    def discard(self) -> bool:
+        """The driver merged the last pull: the shard (a copy of rows it now has) goes; engine logs stay."""
+        if self.shard is not None and (self.thread is None or not self.thread.is_alive()):
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(self.shard) + suffix).unlink(missing_ok=True)
+            return True
+        return False
+
     def stop(self) -> bool:
         """SIGINT on the driver: stop this node's engines (the cells end incomplete, the rest skipped)."""
         self.cancel.set()
@@ -647,6 +655,10 @@ class RayMatrixRunner(MatrixRunner):
                             got += [CellOutcome(c, "failed", f"group error: {res['error']}", group_id=key)
                                     for c in lv.group.cells if c.cell_id not in seen]
                         out += got
+                        try:
+                            ray.get(lv.actor.discard.remote(), timeout=30)
+                        except Exception:  # noqa: BLE001 - a shard left on the node is only disk
+                            pass
                         ray.kill(lv.actor)
             except Exception as e:  # noqa: BLE001 - RayActorError & co: the actor (its node) is gone
                 lv.done = True
