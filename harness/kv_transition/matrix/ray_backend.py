@@ -239,7 +239,9 @@ class GroupWorker:
         logs = work / "logs"
         paths = {c.cell_id: dataclasses.replace(pp, db=self.shard, logs_dir=logs, run_dir=work)
                  for c, pp in zip(group.cells, p["paths"])}
-        base = p["base_port"] + (gpus[0] if p["needs_gpu"] else p["order"])
+        # a retry takes other ports than the attempt before it: on a shared host (a test cluster) the dead
+        # node's engine may still hold them
+        base = p["base_port"] + (gpus[0] if p["needs_gpu"] else p["order"]) + 64 * p.get("attempt", 0)
         gr = GroupRunner(base_port=base, inv=inv, experiment_group=p["experiment_group"], logs_dir=logs,
                          runtime=self._runtime, record=self.log, paths_for=lambda c: paths[c.cell_id],  # type: ignore[arg-type]
                          board=Board(inv), cancel=self.cancel,
@@ -434,7 +436,7 @@ class RayMatrixRunner(MatrixRunner):
         """Every cell of the group is complete already (resume: start no actor)."""
         return all(self._complete_cell(c) for c in group.cells)
 
-    def _payload(self, group: EngineGroup, order: int) -> dict[str, Any]:
+    def _payload(self, group: EngineGroup, order: int, attempt: int = 0) -> dict[str, Any]:
         from kv_transition.db import connect
         from kv_transition.db.merge import export_shard
 
@@ -446,7 +448,7 @@ class RayMatrixRunner(MatrixRunner):
             conn.close()
         return {"group": group, "shard": shard, "paths": [self._paths(c) for c in group.cells],
                 "experiment_group": self.cfg.experiment.group_id, "needs_gpu": group_needs_gpu(group),
-                "base_port": self.exp.matrix.base_port or self.cfg.engine.port, "order": order,
+                "base_port": self.exp.matrix.base_port or self.cfg.engine.port, "order": order, "attempt": attempt,
                 "cell_kwargs": self.cell_kwargs}
 
     def _submit(self, group: EngineGroup, attempt: int, order: int) -> _Live:
@@ -454,7 +456,7 @@ class RayMatrixRunner(MatrixRunner):
         opts = {**ray_request(group, self.slot_resource), "max_restarts": 0, "max_task_retries": 0,
                 "runtime_env": {"env_vars": forwarded_env()}}
         actor = ray.remote(GroupWorker).options(**opts).remote(forwarded_env())
-        live = _Live(group, actor, attempt, actor.start.remote(self._payload(group, order)))
+        live = _Live(group, actor, attempt, actor.start.remote(self._payload(group, order, attempt)))
         self.live_groups[group.group_id] = live
         return live
 
