@@ -14,10 +14,15 @@ LLAMACPP_VERSION := 0.3.36
 WHEEL_CACHE ?= $(or $(KVT_WHEEL_CACHE),$(HOME)/.cache/kvt/wheels)
 LLAMACPP_STAMP := $(VENV)/.llamacpp-$(LLAMACPP_VERSION)
 # portable x86-64 (AVX2) so a cached wheel runs on another CI runner; no llava/mtmd (not used)
+# Ray for `kvt matrix run --backend ray` (optional extra: ~240 MB installed); its wheels are cached in WHEEL_CACHE
+RAY_VERSION := 2.60.0
+RAY_STAMP := $(VENV)/.ray-$(RAY_VERSION)
+BACKEND ?=
+RAY_ADDRESS ?=
 LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test prepare validate cleanup clean run-matrix test-docker test-faults llamacpp llamacpp-wheel argcheck-venvs preflight
+.PHONY: help install demo test prepare validate cleanup clean run-matrix test-docker test-faults llamacpp llamacpp-wheel argcheck-venvs preflight ray
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -52,15 +57,26 @@ $(LLAMACPP_STAMP): $(STAMP) pyproject.toml
 
 llamacpp: $(LLAMACPP_STAMP) ## llama.cpp as a local engine: llama-cpp-python's server from the cached wheel
 
+$(RAY_STAMP): $(STAMP)
+	@mkdir -p "$(WHEEL_CACHE)"
+	@ls "$(WHEEL_CACHE)"/ray-$(RAY_VERSION)-*.whl >/dev/null 2>&1 || \
+	  $(PY) -m pip download -q --only-binary :all: -d "$(WHEEL_CACHE)" ray==$(RAY_VERSION)
+	$(PY) -m pip install -q --find-links "$(WHEEL_CACHE)" -e '.[ray]'
+	$(PY) -c "import ray, ray.cluster_utils"
+	touch $(RAY_STAMP)
+
+ray: $(RAY_STAMP) ## Ray for `kvt matrix run --backend ray` (ray==2.60.0, ~240 MB; wheels cached in WHEEL_CACHE)
+
 demo: $(STAMP) ## the main job on the embedded default (CPU, offline), ends in a report
 	$(KVT) demo -c $(CONFIG)
 
 test: $(STAMP) ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-run-matrix: $(STAMP) ## prepare → matrix run (preflight first) → score → analyze → report (MATRIX=… CONFIG=… [GPUS=0,1] [SLOTS=2])
+run-matrix: $(STAMP) ## prepare → matrix run (preflight first) → score → analyze → report (MATRIX=… CONFIG=… [GPUS=0,1] [SLOTS=2] [BACKEND=ray [RAY_ADDRESS=auto]])
 	$(KVT) matrix prepare -c $(CONFIG) -m $(MATRIX)
-	$(KVT) matrix run -c $(CONFIG) -m $(MATRIX) $(if $(GPUS),--gpus $(GPUS)) $(if $(SLOTS),--slots $(SLOTS)) ; rc=$$?; \
+	$(KVT) matrix run -c $(CONFIG) -m $(MATRIX) $(if $(GPUS),--gpus $(GPUS)) $(if $(SLOTS),--slots $(SLOTS)) \
+	  $(if $(BACKEND),--backend $(BACKEND)) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS)) ; rc=$$?; \
 	  $(KVT) score -c $(CONFIG) && $(KVT) analyze -c $(CONFIG) && $(KVT) report -c $(CONFIG) && exit $$rc
 
 test-faults: $(STAMP) ## the fault-injection suite only (kill -9, SIGINT, DB lock/damage, secrets, bad input; part of `test`)

@@ -496,12 +496,14 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
              runtime_impl: Optional[Runtime] = None, progress: bool = False, console: Any = None,
              transport: Optional[httpx.AsyncBaseTransport] = None, watchdog_interval_s: float = 0.5,
              tensor_parallel: Optional[int] = None, digest: Optional[str] = None,
-             gate: Any = None, gate_key: Optional[str] = None) -> CellResult:
+             gate: Any = None, gate_key: Optional[str] = None, on_attempt: Any = None) -> CellResult:
     """`runtime_impl` may be a runtime that lends an engine already running (the matrix runner's shared
     request-mode engines): run_cell only calls its `running()` when there is something to send.
     `gate` (runner.gate.ExampleGate, with this cell's `gate_key`): the cell is one of an interleaved group's
     cells running at the same time; its requests go out example-major with theirs (the caller leaves the
-    gate when run_cell returns or raises)."""
+    gate when run_cell returns or raises).
+    `on_attempt(run_id, request_id, attempt_no, started_at, began)`: told when each attempt begins and ends
+    (the Ray backend's record of what was in flight when a node died)."""
     spec, rt_name, ext_url = resolve_cell_spec(cfg, engine=engine, method=method, compression_ratio=compression_ratio,
                                                budget=budget, runtime=runtime, base_url=base_url,
                                                tensor_parallel=tensor_parallel, digest=digest)
@@ -567,7 +569,7 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
                 runner = Runner(inst.base_url, writer, run_id, opts, transport=transport,
                                 cache_bust=spec.cache_bust_request, count_tokens=_token_counter(cfg, paths),
                                 bust_all=rt_name == "external", server_log=lambda: rt.log_tail(inst, 20),
-                                gate=cell_gate)
+                                gate=cell_gate, on_attempt=on_attempt)
                 sampler = None
                 if cfg.telemetry.enabled:
                     want_gpu = cfg.telemetry.nvml and spec.gpu and cfg.engine.device != "cpu"

@@ -427,6 +427,13 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
     rep = cleanup(group=args.group, runtime=args.runtime, registry_dir=args.registry, dry_run=args.dry_run,
                   force=args.force)
+    if getattr(args, "ray_address", None):  # and on every node of a Ray cluster (engines of --backend ray)
+        from kv_transition.matrix.ray_backend import cleanup_cluster, connect_ray
+
+        kinds = ["docker", "process"] if args.runtime == "all" else [args.runtime]
+        for line in cleanup_cluster(connect_ray(args.ray_address), args.group, kinds, dry_run=args.dry_run,
+                                    force=args.force):
+            print(f"node {line}")
     if args.config:  # the config's own DB
         cfg, paths = _load(argparse.Namespace(config=args.config, override=args.override))
         dbs = [paths.db] if paths.db.is_file() else []
@@ -526,6 +533,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if res.ok else 1
 
 
+def cmd_db_merge(args: argparse.Namespace) -> int:
+    """Merge other databases of the same experiment group into this one (exactly once, nothing overwritten)."""
+    from kv_transition.db import connect
+    from kv_transition.db.merge import merge_into
+
+    if args.into:
+        target = Path(args.into)
+    elif args.config:
+        _, paths = _load(args)
+        target = paths.db
+    else:
+        raise KvtError("kvt db merge: name the database to merge into: -c CONFIG (its group's DB) or --into DB")
+    for o in args.other:
+        if Path(o).resolve() == target.resolve():
+            raise KvtError(f"{o}: is the database being merged into; nothing merged")
+    conn = connect(target)
+    reports = []
+    try:
+        for o in args.other:
+            reports.append(merge_into(conn, o))
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps({"into": str(target), "sources": [{"source": r.source, "added": r.added,
+                          "unchanged": r.unchanged, "moved_forward": r.updated, "renumbered_attempts": r.renumbered,
+                          "conflicts": r.conflicts} for r in reports]}, indent=2))
+    else:
+        print(f"merged into {target}")
+        for r in reports:
+            print("\n".join(r.lines()))
+        if any(r.added.get(t) for r in reports for t in ("responses", "scores")):
+            print("scores/analysis are derived: run `kvt score` and `kvt analyze` again")
+    return 1 if any(r.conflicts for r in reports) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kvt", description="kv-transition: where does KV-cache compression start to cost accuracy?")
     p.add_argument("--version", action="version", version=f"kv-transition {__version__}")
@@ -582,11 +624,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE",
                     help="override one key of --config (repeatable)")
     sp.add_argument("--runs-root", default="runs", help="where the groups' DBs live (default: runs)")
+    sp.add_argument("--ray-address", metavar="ADDR", help="also clean every node of this Ray cluster (auto, HOST:PORT, "
+                    "ray://HOST:PORT): the engines `kvt matrix run --backend ray` started there")
 
     sp = add("methods", cmd_methods, "list every engine's KV methods with their properties (from the catalogs)",
              config=False)
     sp.add_argument("--engine", help="only this engine")
     sp.add_argument("--json", action="store_true")
+
+    dbp = sub.add_parser("db", help="database tools")
+    dbsub = dbp.add_subparsers(dest="db_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    dbsub.required = True
+    mg = dbsub.add_parser("merge", help="merge other DBs (or shards) of the same experiment group into this one: "
+                          "rows matched by their stable keys, a re-merge adds nothing, conflicts reported (exit 1), "
+                          "nothing overwritten")
+    mg.add_argument("other", nargs="+", metavar="OTHER.sqlite", help="databases to merge from (read, never written)")
+    mg.add_argument("-c", "--config", help="merge into this config's group DB")
+    mg.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="override one key of --config (repeatable)")
+    mg.add_argument("--into", metavar="DB", help="merge into this database file instead of --config's")
+    mg.add_argument("--json", action="store_true")
+    mg.set_defaults(func=cmd_db_merge)
 
     m = sub.add_parser("manifest", help="manifest tools")
     msub = m.add_subparsers(dest="manifest_command", metavar="SUBCOMMAND", parser_class=_Parser)

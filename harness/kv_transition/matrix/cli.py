@@ -130,8 +130,40 @@ def plan_dict(cfg: Any, exp: Any, inv: Any, lock_path: Optional[Path], n_request
             "groups": groups}
 
 
+def cmd_plan_ray(args: argparse.Namespace, cfg: Any, exp: Any, lp: Optional[Path]) -> int:
+    """`kvt matrix plan --backend ray`: the resources each group's actor asks Ray for. Starts nothing."""
+    from kv_transition.matrix.ray_backend import plan_ray
+
+    groups = plan_ray(exp, args.ray_slot_resource)
+    plan = {"matrix": exp.matrix.name, "group_id": cfg.experiment.group_id, "backend": "ray",
+            "ray_address": args.ray_address or "auto", "lock": str(lp) if lp else None, "n_cells": len(exp.cells),
+            "n_excluded": exp.excluded, "n_groups": len(groups), "groups": groups}
+    if args.json:
+        print(json.dumps(plan, indent=2))
+        return 0
+    from rich.table import Table
+
+    from kv_transition.ui import console
+
+    console.print(f"matrix [bold]{plan['matrix']}[/] on Ray ({plan['ray_address']}): {plan['n_cells']} cells "
+                  f"({plan['n_excluded']} excluded) in {plan['n_groups']} engine groups, one actor each, submitted in "
+                  "this order · nothing started")
+    t = Table(show_lines=False)
+    for col in ("#", "group", "runtime", "tp", "Ray asked for", "cells"):
+        t.add_column(col)
+    for g in groups:
+        t.add_row(str(g["submit_order"] + 1), g["group_id"], g["runtime"], str(g["tp"]), g["ray_request_label"],
+                  ", ".join(c["method"] + (f" r={c['compression_ratio']:g}" if c["compression_ratio"] is not None
+                                           else f" b={c['budget']}" if c["budget"] is not None else "")
+                            for c in g["cells"]))
+    console.print(t)
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg, matrix, exp, lp, _ = _setup(args)
+    if getattr(args, "backend", "local") == "ray":
+        return cmd_plan_ray(args, cfg, exp, lp)
     inv = _inventory(args, cfg)
     arch = _hardware(args, cfg, exp, inv)
     plan = plan_dict(cfg, exp, inv, lp)
@@ -235,17 +267,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kv_transition.matrix.run import MatrixRunner
     from kv_transition.ui import console
 
-    inv = _inventory(args, cfg)
-    _hardware(args, cfg, exp, inv)
-    if not getattr(args, "no_preflight", False):  # before any manifest, engine or DB row
+    ray = getattr(args, "backend", "local") == "ray"
+    if ray:
+        from kv_transition.matrix.inventory import Inventory
+
+        inv = Inventory((0,), False)  # the cluster's GPUs are Ray's to hand out
+        _hardware(args, cfg, exp, inv)
+    else:
+        inv = _inventory(args, cfg)
+        _hardware(args, cfg, exp, inv)
+    if ray:
+        print("preflight: not run for --backend ray (it checks this host; run `kvt preflight -m …` on a node)",
+              file=sys.stderr)
+    elif not getattr(args, "no_preflight", False):  # before any manifest, engine or DB row
         from kv_transition.ui import err_console
 
         preflight_stage(cfg, exp, inv, pull=True, console=err_console if args.json else console)
-    live = console.is_terminal and not args.no_live
+    live = console.is_terminal and not args.no_live and not ray
     err = (lambda s: None) if live else (lambda s: print(s, file=sys.stderr, flush=True))
-    runner = MatrixRunner(cfg, exp, inv, lock=lock, live=live, console=console, log=err,
-                          matrix_path=str(args.matrix),
-                          matrix_sha256=hashlib.sha256(Path(args.matrix).read_bytes()).hexdigest())
+    common = dict(lock=lock, console=console, log=err, matrix_path=str(args.matrix),
+                  matrix_sha256=hashlib.sha256(Path(args.matrix).read_bytes()).hexdigest())
+    if ray:
+        from kv_transition.matrix.ray_backend import RayMatrixRunner
+
+        runner: Any = RayMatrixRunner(cfg, exp, address=args.ray_address, max_retries=args.ray_max_retries,
+                                      sync_s=args.ray_sync_s, slot_resource=args.ray_slot_resource, **common)
+        runner.connect()  # no cluster, or a request no node can hold: exit 2 before any manifest or row
+    else:
+        runner = MatrixRunner(cfg, exp, inv, live=live, **common)
     runner.prepare()
     runner.cleanup_stale()
     summary = runner.run()
@@ -295,6 +344,14 @@ def add_parsers(sub: Any, config_args: Callable[[argparse.ArgumentParser], None]
             sp.add_argument("--gpu-arch", help="compute capability to check methods' hardware against, e.g. 9.0 "
                                                "(H100/H200) or 10.0 (B200); default: matrix.gpu_arch, else NVML")
         sp.add_argument("--json", action="store_true", help="JSON output")
+        if sched:
+            sp.add_argument("--backend", choices=["local", "ray"], default="local",
+                            help="local: this host's GPUs/slots (default); ray: a Ray cluster, one actor per engine group")
+            sp.add_argument("--ray-address", metavar="ADDR",
+                            help="Ray cluster to use with --backend ray: auto (default: $RAY_ADDRESS or the local head), "
+                                 "HOST:PORT, or ray://HOST:PORT (Ray Client)")
+            sp.add_argument("--ray-slot-resource", metavar="NAME",
+                            help="CPU engines ask Ray for one unit of this custom resource (e.g. kvt_slot) instead of one CPU")
 
     sp = msub.add_parser("plan", help="dry run: every cell with its GPUs, engine group and exact container spec")
     common(sp)
@@ -306,6 +363,10 @@ def add_parsers(sub: Any, config_args: Callable[[argparse.ArgumentParser], None]
     common(sp)
     sp.add_argument("--no-live", action="store_true", help="log lines instead of the live view")
     sp.add_argument("--no-preflight", action="store_true", help="skip `kvt preflight` (run first by default)")
+    sp.add_argument("--ray-max-retries", type=int, default=2, metavar="N",
+                    help="--backend ray: a group whose node died is placed again at most N times (default 2)")
+    sp.add_argument("--ray-sync-s", type=float, default=5.0, metavar="S",
+                    help="--backend ray: pull each running group's rows into the DB every S seconds (default 5)")
     sp.set_defaults(func=cmd_run)
 
     pf = sub.add_parser("preflight", help="check every engine argv with the engine's own parser, images, mounts, "

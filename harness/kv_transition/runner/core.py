@@ -140,7 +140,8 @@ class Runner:
                  on_tick: Optional[Callable[[Counters], None]] = None, tick_s: float = 0.2,
                  cache_bust: Optional[dict[str, Any]] = None, count_tokens: Optional[Callable[[str], Optional[int]]] = None,
                  bust_all: bool = False, server_log: Optional[Callable[[], str]] = None,
-                 gate: Optional[Any] = None):
+                 gate: Optional[Any] = None,
+                 on_attempt: Optional[Callable[[int, int, int, str, bool], None]] = None):
         """`cache_bust`: body fields that keep a retry or a repeat > 0 from the engine's prefix cache
         ("{nonce}" = unique per attempt) — with `bust_all`, into every request (a server someone else runs
         may hold any prompt from earlier cells); `count_tokens`: the model's tokenizer, for responses whose
@@ -151,6 +152,7 @@ class Runner:
         self.bust_all = bust_all
         self.server_log = server_log  # the engine log's last lines, kept with a broken stream's attempt
         self.count_tokens = count_tokens
+        self.on_attempt = on_attempt  # (run_id, request_id, attempt_no, started_at, began): a remote group's in-flight set
         self.base_url = base_url
         self.writer = writer
         self.run_id = run_id
@@ -327,6 +329,8 @@ class Runner:
         t = time.perf_counter()
         c.attempts += 1
         c.in_flight += 1
+        if self.on_attempt is not None:
+            self.on_attempt(self.run_id, item.request_id, n, started_at, True)
         if c.in_flight > c.max_in_flight:
             c.max_in_flight = c.in_flight
         busted = (resent or self.bust_all) and bool(self.cache_bust)
@@ -353,6 +357,8 @@ class Runner:
             raise
         finally:
             c.in_flight -= 1
+            if self.on_attempt is not None:
+                self.on_attempt(self.run_id, item.request_id, n, started_at, False)
         self._record_attempt(item, n, started_at, time.perf_counter() - t, None, step)
         st.resent, st.busted = resent, busted
         c.completion_tokens += res.output_tokens
