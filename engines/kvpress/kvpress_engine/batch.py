@@ -46,6 +46,20 @@ def ragged_attention(module, query, key, value, attention_mask, dropout: float =
 AttentionInterface.register(ATTN_NAME, ragged_attention)
 
 
+def decode_kernels(device: torch.device):
+    """SDPA backends for decoding steps on CUDA: flash / memory-efficient / math, not cuDNN. cuDNN's SDPA builds
+    an execution plan per shape, and a decoding step's key length grows by one every step, so it rebuilt one
+    per layer per step: ~1.5 ms of host time per call on the H200, 47 ms of a 72 ms step at 8B (the profile in
+    engines/kvpress/README.md). Elsewhere: nothing to choose."""
+    import contextlib
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 class use_attention:
     """Run the model with another attention implementation for the duration of a block (no validation,
     no re-dispatch: transformers reads config._attn_implementation at every attention call)."""

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from transformers import DynamicCache
 
-from .batch import ATTN_NAME, SlotCache, use_attention
+from .batch import ATTN_NAME, SlotCache, decode_kernels, use_attention
 from . import fanout
 from .build import BuiltPress, bind_tokenizer, build_press, clear_masks, masked_per_layer
 from .detok import Detokenizer
@@ -425,7 +425,8 @@ class Engine:
         pos = torch.tensor([[act.position]], dtype=torch.long, device=self.device)
         try:
             while not act.done:
-                out = model(input_ids=tok, past_key_values=cache, position_ids=pos)
+                with decode_kernels(self.device):
+                    out = model(input_ids=tok, past_key_values=cache, position_ids=pos)
                 pos += 1
                 tok = out.logits[:, -1:].argmax(-1)
                 self.live_kv_tokens = cache.get_seq_length()
@@ -690,7 +691,7 @@ class Batch:
         c, model = self.cache, self.engine.model
         n = c.n
         c.prepare_step()
-        with use_attention(model, ATTN_NAME):
+        with use_attention(model, ATTN_NAME), decode_kernels(c.device):
             out = model(input_ids=c.tokens[:n, None], position_ids=c.pos[:n, None], past_key_values=c,
                         cache_position=c.pos[:1], use_cache=True, kvt_batch=c, logits_to_keep=1)
         nxt = out.logits[:, -1].argmax(-1)
