@@ -566,8 +566,13 @@ def parse(argv: list[str] | None = None):
     return a
 
 
+def _exit_on_sigterm(signum, frame):  # `timeout` and the device tool stop a call with SIGTERM
+    raise SystemExit(128 + signum)  # unwinds through mode_c's finally: the engine (its own session) is stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if a.cmd == "summarize":
         print(summarize(Path(a.out), a.bandwidth))
         return 0

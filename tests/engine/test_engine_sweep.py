@@ -55,3 +55,36 @@ def test_sweep_mode_d_fanout_prefills_each_prompt_once(tmp_path):
     assert len(fan) == 1 and fan[0]["groups"] == 3 and fan[0]["tokens"] == 9
     assert fan[0]["prefills"] == 1.0 and fan[0]["shared"] == 3, fan[0]
     assert "| prompt 0 | 96 | 3 | 1.00 |" in r.stdout
+
+
+def test_sigterm_stops_the_engine_the_sweep_started(tmp_path):
+    """`timeout` (as device calls use it) stops the sweep with SIGTERM while its engine serves: the engine, in its
+    own session, must go too (an H200 call once found the last call's engine holding 137 GiB)."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, str(REPO / "bench" / "engine_sweep.py"), "run", "--out", str(out), "--shape", "real",
+           "--device", "cpu", "--prompts", "2", "--len", "96", "--max-tokens", "64", "--presses", "full,snapkv,knorm",
+           "--ratios", "0.25,0.5,0.75", "--modes", "c", "--threads", "1"]
+    p = subprocess.Popen(cmd, env=engine_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / "engine_c.log"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (log.exists() and "ready:" in log.read_text(errors="replace")):
+        assert p.poll() is None, p.stdout.read()[-2000:]
+        time.sleep(0.5)
+    assert log.exists() and "ready:" in log.read_text(errors="replace"), "the engine never became ready"
+    pid = int(log.read_text().split("Started server process [")[1].split("]")[0])
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) != 0
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError(f"engine {pid} still running after the sweep got SIGTERM")
