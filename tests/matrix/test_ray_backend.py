@@ -405,3 +405,37 @@ def test_a_request_no_node_can_hold_is_refused_before_anything_starts() -> None:
                           cells=[SimpleNamespace(runtime="process", spec=SimpleNamespace(needs_gpu=False))])
     with pytest.raises(ConfigError, match="kvt_slot=1"):
         check_feasible(SimpleNamespace(groups=[cpu]), nodes, "kvt_slot")  # type: ignore[arg-type]
+
+
+@pytest.mark.docker
+def test_a_docker_group_runs_on_a_ray_node_and_leaves_no_container(experiment, engines_dir: Path,
+                                                                   ray_cluster: LocalCluster) -> None:
+    """The group's runtime on the node is the docker runtime too: the node's actor starts the container (host
+    network, loopback), sends the cell's requests from the node, and the container is gone afterwards."""
+    from tests.matrix.test_lock import DOCKER_ENGINE
+
+    from kv_transition.runtime.docker import docker_client
+
+    try:
+        client = docker_client(timeout_s=60)
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"no Docker daemon: {e}")
+    from tests.fakes.docker_image import ensure_test_image
+
+    ensure_test_image(client)
+    (engines_dir / "fakedock").mkdir()
+    (engines_dir / "fakedock" / "engine.yaml").write_text(DOCKER_ENGINE)
+    mx = {"name": "rdock", "engines": {"fakedock": {"runtime": "docker", "compression_ratios": [0.5],
+                                                    "methods": ["full", "snapkv"]}}}
+    cpath, mpath, cfg, paths = experiment(4, mx)
+    s = _runner(cpath, mpath, ray_cluster.address).run()
+    assert s.ok, [(o.cell.label, o.reason) for o in s.outcomes]
+    conn = connect(paths.db)
+    assert _exactly_once(conn) == (8, 8)
+    loads = rows(conn, "SELECT * FROM matrix_engines")
+    assert len(loads) == 1 and loads[0]["runtime"] == "docker"
+    runs = rows(conn, "SELECT pid FROM runs")
+    assert runs and os.getpid() not in {r["pid"] for r in runs}   # sent from the node's actor, not the driver
+    conn.close()
+    left = client.containers.list(all=True, filters={"label": f"kv-transition.group={cfg.experiment.group_id}"})
+    assert left == []
