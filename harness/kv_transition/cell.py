@@ -31,7 +31,7 @@ from kv_transition.config.secrets import masked_config
 from kv_transition.db import connect, dumps, transaction, utcnow
 from kv_transition.engines.spec import ResolvedSpec, load_engine, resolve
 from kv_transition.errors import ConfigError
-from kv_transition.manifest import from_db
+from kv_transition.manifest.store import from_db
 from kv_transition.runner import DbWriter, Runner, RunnerOptions, RunStats, WorkItem
 from kv_transition.runtime.base import CELL_LABEL, GROUP_LABEL, OWNER_LABEL, EngineStartError, Instance, Runtime, get_runtime
 from kv_transition.runtime.external import normalize_base_url
@@ -95,7 +95,7 @@ class CellResult:
 def cell_inputs(cfg: Config, spec: ResolvedSpec, dataset_id: str) -> dict[str, Any]:
     """Everything that can change a response (and nothing that cannot: port, concurrency, timeouts,
     telemetry, runtime, repeats — more repeats extend the same cell)."""
-    from kv_transition.tokens import model_source
+    from kv_transition.manifest.tokens import model_source
 
     return {
         "group_id": cfg.experiment.group_id, "dataset_id": dataset_id,
@@ -191,7 +191,7 @@ def resolve_cell_spec(cfg: Config, *, engine: Optional[str] = None, method: Opti
     """→ (spec, runtime name, external base url). A method given here takes its ratio/budget from the
     arguments only; otherwise kv.method/compression_ratio/budget come from the config.
     `tensor_parallel` fills the engine's {tp}; `digest` pins the image (a lock file's sha256:…)."""
-    from kv_transition.tokens import model_source
+    from kv_transition.manifest.tokens import model_source
 
     rt = runtime or cfg.engine.runtime
     if method is None:
@@ -253,7 +253,7 @@ def _in_container(path: str, mounts: list[Any]) -> str:
 def model_file(cfg: Config) -> str:
     """{model_file} in engine args: the model as a file path — a `package:NAME` source (the PyPI model
     wheel) becomes the GGUF inside the installed package (engines such as llama.cpp load only files)."""
-    from kv_transition.tokens import model_source, package_gguf
+    from kv_transition.manifest.tokens import model_source, package_gguf
 
     src = model_source(cfg.model) or cfg.model.id
     if src.startswith("package:"):
@@ -333,8 +333,8 @@ def _followup_builder(cfg: Config, paths: Paths, manifest: dict[str, Any]) -> An
     fus = manifest.get("followups") or {}
     if not any(e["task"] in fus for e in manifest["entries"]):
         return None
-    from kv_transition.prompts import PromptBuilder
-    from kv_transition.tokens import load_tokenizer
+    from kv_transition.manifest.prompts import PromptBuilder
+    from kv_transition.manifest.tokens import load_tokenizer
 
     tok = load_tokenizer(cfg.model.tokenizer, paths.tokenizer_cache)
     if manifest.get("tokenizer") and tok.info() != manifest["tokenizer"]:
@@ -669,7 +669,7 @@ def _token_counter(cfg: Config, paths: Paths) -> Any:
     def count(text: str) -> Optional[int]:
         if "tok" not in state:
             try:
-                from kv_transition.tokens import load_tokenizer
+                from kv_transition.manifest.tokens import load_tokenizer
 
                 state["tok"] = load_tokenizer(cfg.model.tokenizer, paths.tokenizer_cache)
             except Exception:  # noqa: BLE001 - a missing tokenizer must not fail the cell

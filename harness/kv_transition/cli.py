@@ -120,7 +120,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     cfg, paths = _load(args)
     check_inputs(args, cfg)
-    from kv_transition.prepare import prepare
+    from kv_transition.manifest.prepare import prepare
     from kv_transition.ui import bins_table, console, stage_progress
 
     with stage_progress(not args.quiet) as cb:
@@ -134,7 +134,7 @@ def cmd_manifest_verify(args: argparse.Namespace) -> int:
     cfg, paths = _load(args)
     from kv_transition.db import connect
     from kv_transition.errors import ManifestError
-    from kv_transition.manifest import verify
+    from kv_transition.manifest.store import verify
     from kv_transition.ui import console
 
     path = Path(args.manifest) if args.manifest else paths.manifest
@@ -402,7 +402,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg, paths = _load(args)
     check_inputs(args, cfg)
     from kv_transition.matrix.cli import cmd_run as matrix_run
-    from kv_transition.prepare import prepare
+    from kv_transition.manifest.prepare import prepare
     from kv_transition.ui import bins_table, console, stage_progress
 
     if not cfg.matrix.file:
@@ -508,7 +508,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             refuse_cell(args.engine or cfg.engine.name, args.method or cfg.kv.method,
                         gpu_arch(None, cfg, Inventory(tuple(spec.gpus), True)), "kvt run")
     if not _dataset_in_db(paths):
-        from kv_transition.prepare import prepare
+        from kv_transition.manifest.prepare import prepare
 
         console.print(f"manifest {paths.dataset_id} not in {paths.db}: preparing it first")
         with stage_progress(not args.quiet) as cb:

@@ -8,7 +8,7 @@ from datetime import datetime
 from kv_transition.cli import main
 from kv_transition.config import load_config, resolve_paths
 from kv_transition.db import connect
-from kv_transition.prepare import prepare
+from kv_transition.manifest.prepare import prepare
 from tests.report.test_stages import _record_cell
 
 

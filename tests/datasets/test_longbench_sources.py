@@ -17,7 +17,7 @@ from kv_transition.config.schema import LONGBENCH_ZIP_URL, LongBenchCfg
 from kv_transition.datasets import longbench as lb
 from kv_transition.datasets.download import sha256_file, sidecar
 from kv_transition.errors import DataError
-from kv_transition.manifest import read_json
+from kv_transition.manifest.store import read_json
 from tests.conftest import write_yaml
 
 from .conftest import kvpress_row, lb_record, records, write_kvpress_mirror, write_zip
@@ -215,7 +215,7 @@ def test_hub_unreachable_one_line_with_alternatives_nothing_left(data_root, monk
 
 def test_answer_prefix_survives_middle_truncation(smol_tokenizer):
     from kv_transition.datasets.schema import Example
-    from kv_transition.prompts import PromptBuilder, PromptSpec
+    from kv_transition.manifest.prompts import PromptBuilder, PromptSpec
 
     ex = Example("e", "Question: which river?\n", "Read.\n\n" + "The river flows past the old mill. " * 300, ["x"],
                  {"task": "hotpotqa"})
@@ -234,7 +234,7 @@ def test_kvpress_question_goes_after_a_trimming_chat_template(smol_tokenizer):
     from dataclasses import replace
 
     from kv_transition.datasets.schema import Example
-    from kv_transition.prompts import PromptBuilder, PromptSpec
+    from kv_transition.manifest.prompts import PromptBuilder, PromptSpec
 
     hf = copy.deepcopy(smol_tokenizer._hf)
     hf.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
@@ -264,7 +264,7 @@ def test_kvpress_prompt_equals_kvpress_pipeline_preprocess(smol_tokenizer, trim)
 
     pipeline = pytest.importorskip("kvpress.pipeline")
     from kv_transition.datasets.schema import Example
-    from kv_transition.prompts import PromptBuilder, PromptSpec
+    from kv_transition.manifest.prompts import PromptBuilder, PromptSpec
 
     tok = smol_tokenizer
     if trim:  # TEST DOUBLE: a Llama-3-style template that trims the user content, on SmolLM2's vocab

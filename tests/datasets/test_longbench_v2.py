@@ -15,7 +15,7 @@ from kv_transition.datasets import list_tasks
 from kv_transition.datasets import longbench_v2 as v2
 from kv_transition.datasets.download import sha256_file, sidecar
 from kv_transition.errors import DataError
-from kv_transition.manifest import read_json
+from kv_transition.manifest.store import read_json
 from tests.conftest import write_yaml
 
 from .conftest import v2_record, write_v2_json, write_v2_prompts

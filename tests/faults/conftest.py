@@ -182,8 +182,8 @@ def project(tmp_path: Path):
         if prepared:
             from kv_transition.config import load_config, resolve_paths
             from kv_transition.db import connect
-            from kv_transition.manifest import write_db
-            from kv_transition.prepare import record_experiment
+            from kv_transition.manifest.store import write_db
+            from kv_transition.manifest.prepare import record_experiment
             from tests.matrix.conftest import scorable_manifest
 
             cfg = load_config(cpath, env=env)

@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_kill9_of_the_real_kvpress_engine_mid_cell(tmp_path: Path, tokenizer_cache: Path) -> None:
     from kv_transition.config import load_config, resolve_paths
     from kv_transition.db import connect
-    from kv_transition.manifest import seal, write_db
-    from kv_transition.prepare import record_experiment
+    from kv_transition.manifest.store import seal, write_db
+    from kv_transition.manifest.prepare import record_experiment
     from tests.matrix.conftest import scorable_manifest
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KVT_", "FAKE_"))}

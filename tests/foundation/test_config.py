@@ -189,7 +189,7 @@ def test_python_m_delegates_with_exit_code(project: Path):
 
 
 def test_import_has_no_side_effects(tmp_path: Path):
-    code = "import kv_transition, kv_transition.cli, kv_transition.config, kv_transition.db, kv_transition.manifest"
+    code = "import kv_transition, kv_transition.cli, kv_transition.config, kv_transition.db, kv_transition.manifest.store"
     r = subprocess.run([sys.executable, "-c", code + "; import sys; print('torch' in sys.modules)"],
                        cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

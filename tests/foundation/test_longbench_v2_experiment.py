@@ -87,7 +87,7 @@ def test_shipped_experiment_prepares_on_the_real_format(project, smol_tokenizer)
     args = ["prepare", "-q", "-c", "config/experiments/longbench_v2_128k.yaml"] + [a for o in over for a in ("-o", o)]
     assert main(args) == 0
     from kv_transition.config import resolve_paths
-    from kv_transition.manifest import read_json
+    from kv_transition.manifest.store import read_json
 
     cfg = load_config(project / "config" / "experiments" / "longbench_v2_128k.yaml", over)
     man = read_json(resolve_paths(cfg).manifest)

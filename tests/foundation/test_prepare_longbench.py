@@ -11,7 +11,7 @@ import pytest
 
 from kv_transition.cli import main
 from kv_transition.config import load_config, resolve_paths
-from kv_transition.manifest import read_json
+from kv_transition.manifest.store import read_json
 from kv_transition.score import score_longbench
 from tests.conftest import write_yaml
 from tests.datasets.conftest import lb_record, write_zip

@@ -12,8 +12,8 @@ from kv_transition.cli import main
 from kv_transition.config import load_config, resolve_paths
 from kv_transition.db import connect, schema_version
 from kv_transition.db.migrations import MIGRATIONS
-from kv_transition.manifest import content_hash, from_db, read_json, verify
-from kv_transition.prepare import prepare
+from kv_transition.manifest.store import content_hash, from_db, read_json, verify
+from kv_transition.manifest.prepare import prepare
 
 
 def _prepare(cfg_path: Path, *overrides: str):

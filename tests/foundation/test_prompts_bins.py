@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kv_transition.binning import Bin, assign, make_bins, quantile_edges, select
+from kv_transition.manifest.binning import Bin, assign, make_bins, quantile_edges, select
 from kv_transition.config.schema import BinningCfg
 from kv_transition.datasets.schema import Example
 from kv_transition.errors import DataError
-from kv_transition.prompts import PromptBuilder, PromptSpec
+from kv_transition.manifest.prompts import PromptBuilder, PromptSpec
 
 TEMPLATE = "Read the text and answer.\n\n{context}\n\nQuestion: {input}\nAnswer:"
 

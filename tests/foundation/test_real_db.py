@@ -15,7 +15,11 @@ from kv_transition.db.migrations import MIGRATIONS
 from kv_transition.report.data import load_report_data
 from kv_transition.report.build import write_report
 
-REAL_DB = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "science-h200-15cells.sqlite.gz"
+_REPO = Path(__file__).resolve().parents[2]
+# ../shared beside the main checkout (or beside the folder of worktrees one level below it)
+REAL_DB = next((p for p in (_REPO.parent / "shared" / "data" / "science-h200-15cells.sqlite.gz",
+                            _REPO.parent.parent / "shared" / "data" / "science-h200-15cells.sqlite.gz") if p.is_file()),
+               _REPO.parent / "shared" / "data" / "science-h200-15cells.sqlite.gz")
 
 
 @pytest.mark.skipif(not REAL_DB.is_file(), reason=f"{REAL_DB} not present (it lives beside the main checkout)")

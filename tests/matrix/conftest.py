@@ -95,8 +95,8 @@ def experiment(tmp_path: Path, engines_dir: Path):
     """make(n_entries, matrix dict, root=tmp_path, **config sections) → (config path, matrix path, cfg, paths)."""
     from kv_transition.config import load_config, resolve_paths
     from kv_transition.db import connect
-    from kv_transition.manifest import write_db
-    from kv_transition.prepare import record_experiment
+    from kv_transition.manifest.store import write_db
+    from kv_transition.manifest.prepare import record_experiment
     def make(n: int, matrix: dict[str, Any], root: Path = tmp_path, **sections: Any):
         cpath = write_yaml(root / "config.yaml", base_config(root, **sections))
         mpath = write_yaml(root / "matrix" / f"{matrix['name']}.yaml", matrix)
@@ -115,7 +115,7 @@ def scorable_manifest(dataset_id: str, n: int) -> dict[str, Any]:
     """tests/runner's hand-made manifest, scorable: synthetic passkey examples whose answer is the fake's
     deterministic reply ("The quick brown fox", 4 tokens) for even examples and something else for odd."""
     from kv_transition.datasets.synthetic import SYNTHETIC_METRICS
-    from kv_transition.manifest import seal
+    from kv_transition.manifest.store import seal
     from tests.runner.conftest import make_manifest
 
     m = make_manifest(dataset_id, n)

@@ -36,11 +36,11 @@ def test_smoke_matrix_with_the_real_kvpress_engine(tmp_path: Path, monkeypatch: 
         pytest.skip(why)
     from kv_transition.config import load_config, resolve_paths
     from kv_transition.db import connect, rows
-    from kv_transition.manifest import write_db
+    from kv_transition.manifest.store import write_db
     from kv_transition.matrix import expand, load_matrix
     from kv_transition.matrix.inventory import inventory
     from kv_transition.matrix.run import MatrixRunner
-    from kv_transition.prepare import record_experiment
+    from kv_transition.manifest.prepare import record_experiment
 
     from .conftest import scorable_manifest
 
@@ -95,11 +95,11 @@ def test_press_spec_cell_stores_the_whole_spec(tmp_path: Path, monkeypatch: pyte
 
     from kv_transition.config import load_config, resolve_paths
     from kv_transition.db import connect, rows
-    from kv_transition.manifest import write_db
+    from kv_transition.manifest.store import write_db
     from kv_transition.matrix import MatrixFile, expand
     from kv_transition.matrix.inventory import inventory
     from kv_transition.matrix.run import MatrixRunner
-    from kv_transition.prepare import record_experiment
+    from kv_transition.manifest.prepare import record_experiment
 
     from .conftest import scorable_manifest
 

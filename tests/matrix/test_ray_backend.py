@@ -315,12 +315,12 @@ def test_smoke_matrix_real_kvpress_on_ray_node_killed_same_report(tmp_path: Path
     if why:
         pytest.skip(why)
     from kv_transition.config import load_config, resolve_paths
-    from kv_transition.manifest import write_db
+    from kv_transition.manifest.store import write_db
     from kv_transition.matrix import expand, load_matrix
     from kv_transition.matrix.inventory import inventory
     from kv_transition.matrix.ray_backend import RayMatrixRunner
     from kv_transition.matrix.run import MatrixRunner
-    from kv_transition.prepare import record_experiment
+    from kv_transition.manifest.prepare import record_experiment
 
     from .conftest import scorable_manifest, write_yaml
 

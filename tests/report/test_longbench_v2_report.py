@@ -16,7 +16,7 @@ import pytest
 from kv_transition.cli import main
 from kv_transition.config import load_config, resolve_paths
 from kv_transition.db import connect
-from kv_transition.prepare import prepare
+from kv_transition.manifest.prepare import prepare
 from kv_transition.report import longbench_v2 as lbv2
 from kv_transition.report.data import load_report_data
 from kv_transition.report.plots import overlapping_texts

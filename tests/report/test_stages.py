@@ -15,7 +15,7 @@ import pytest
 from kv_transition.cli import main
 from kv_transition.config import load_config, resolve_paths
 from kv_transition.db import connect, utcnow
-from kv_transition.prepare import prepare
+from kv_transition.manifest.prepare import prepare
 
 
 def _record_cell(conn: sqlite3.Connection, cell_id: str, method: str, dataset_id: str, answer_for,

@@ -149,7 +149,7 @@ methods:
 
 
 def make_manifest(dataset_id: str, n: int) -> dict[str, Any]:
-    from kv_transition.manifest import seal
+    from kv_transition.manifest.store import seal
 
     examples, entries = [], []
     for i in range(n):
@@ -176,8 +176,8 @@ def cell_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """make(n_entries, **config sections) → (cfg, paths) with the manifest already in the DB."""
     from kv_transition.config import resolve_paths
     from kv_transition.config.schema import Config
-    from kv_transition.manifest import write_db
-    from kv_transition.prepare import record_experiment
+    from kv_transition.manifest.store import write_db
+    from kv_transition.manifest.prepare import record_experiment
 
     eng = tmp_path / "engines" / "fake"
     eng.mkdir(parents=True)

@@ -16,7 +16,7 @@ import pytest
 from kv_transition.cli import main
 from kv_transition.config import load_config, resolve_paths
 from kv_transition.db import connect, rows
-from kv_transition.manifest import read_json
+from kv_transition.manifest.store import read_json
 from kv_transition.score.longbench_v2 import extract_answer
 from tests.conftest import write_yaml
 from tests.datasets.conftest import v2_record, write_v2_json, write_v2_prompts
@@ -59,7 +59,7 @@ def test_manifest_carries_the_answer_template(project, smol_tokenizer):
     assert "{cot}" in fu["template"] and "$" not in fu["template"] and "{context}" not in fu["template"]
     assert {e["max_new_tokens"] for e in man["entries"]} == {1024}
     cfg_o = load_config(cfg_file, ["decoding.max_new_tokens=32"])  # an explicit budget is both requests'
-    from kv_transition.prepare import followups
+    from kv_transition.manifest.prepare import followups
 
     assert followups(cfg_o, resolve_paths(cfg_o))["longbench_v2"]["max_new_tokens"] == 32
     # without cot the manifest has no followups key (one-request manifests keep their content hash)
@@ -72,7 +72,7 @@ def test_manifest_carries_the_answer_template(project, smol_tokenizer):
 def test_followup_prompt_is_truncated_in_the_middle_to_max_context(smol_tokenizer):
     from kv_transition.datasets import longbench_v2 as v2
     from kv_transition.datasets.schema import Example
-    from kv_transition.prompts import PromptBuilder
+    from kv_transition.manifest.prompts import PromptBuilder
 
     template = v2.to_template("Q: $Q$\n(A) $C_A$\n(B) $C_B$\n(C) $C_C$\n(D) $C_D$\nReasoning: $COT$\nAnswer:",
                               "t", answer=True)

@@ -12,7 +12,7 @@ from kv_transition.cli import main
 from kv_transition.config import load_config, resolve_paths
 from kv_transition.db import connect
 from kv_transition.errors import DataError
-from kv_transition.prepare import prepare
+from kv_transition.manifest.prepare import prepare
 from kv_transition.score import score_longbench
 from kv_transition.score.longbench_v2 import (
     FLAG_NO_ANSWER,

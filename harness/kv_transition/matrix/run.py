@@ -106,7 +106,7 @@ class MatrixRunner:
     # -- preparation
     def prepare(self, progress: bool = False) -> list[str]:
         """Build every model's manifest that is not in the DB yet; → the dataset ids prepared."""
-        from kv_transition.prepare import prepare
+        from kv_transition.manifest.prepare import prepare
 
         done, out = set(), []
         for c in self.exp.cells:

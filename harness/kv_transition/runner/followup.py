@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from kv_transition.datasets.schema import Example
-from kv_transition.prompts import PromptBuilder
+from kv_transition.manifest.prompts import PromptBuilder
 from kv_transition.runner.core import FollowupRequest, WorkItem
 
 BodyFn = Callable[[dict[str, Any]], dict[str, Any]]  # a manifest-entry-shaped dict → the request body

@@ -7,14 +7,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from kv_transition.binning import assign, make_bins, select
+from kv_transition.manifest.binning import assign, make_bins, select
 from kv_transition.config import Config, Paths
 from kv_transition.config.paths import manifest_inputs
 from kv_transition.datasets.schema import Example
 from kv_transition.db import connect, dumps, transaction, utcnow
-from kv_transition.manifest import FORMAT, seal, write_db, write_json
-from kv_transition.prompts import BuiltPrompt, PromptBuilder, PromptSpec
-from kv_transition.tokens import Tokenizer, load_tokenizer
+from kv_transition.manifest.store import FORMAT, seal, write_db, write_json
+from kv_transition.manifest.prompts import BuiltPrompt, PromptBuilder, PromptSpec
+from kv_transition.manifest.tokens import Tokenizer, load_tokenizer
 
 Progress = Callable[[str, int, Optional[int]], None]  # (stage, advance, total)
 

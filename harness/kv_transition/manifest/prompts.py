@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 from kv_transition.datasets.schema import Example
 from kv_transition.errors import DataError
-from kv_transition.tokens import Tokenizer
+from kv_transition.manifest.tokens import Tokenizer
 
 _MAX_FIT_ROUNDS = 16
 _QUESTION_MARK = "\ue000kvt-question\ue000"  # a private-use sentinel where the question goes
