@@ -71,18 +71,19 @@ def key_of(rec: dict[str, Any]) -> tuple:
     return (rec["mode"], rec["press"], rec["ratio"], rec["prompts"], rec["len"], rec["max_tokens"], rec["shape"])
 
 
-def done_keys(out: Path) -> set[tuple]:
+def records(out: Path):
+    """The parsed lines of OUT/results.jsonl (a torn last line, from a killed call, is skipped)."""
     f = out / "results.jsonl"
-    keys = set()
     if f.is_file():
         for line in f.read_text().splitlines():
             try:
-                rec = json.loads(line)
+                yield json.loads(line)
             except ValueError:
                 continue
-            if rec.get("kind") == "result" and rec.get("complete"):
-                keys.add(key_of(rec))
-    return keys
+
+
+def done_keys(out: Path) -> set[tuple]:
+    return {key_of(rec) for rec in records(out) if rec.get("kind") == "result" and rec.get("complete")}
 
 
 def append(out: Path, rec: dict[str, Any]) -> None:
@@ -267,18 +268,9 @@ def free_port() -> int:
 
 
 def fanout_done(out: Path, args) -> set[int]:
-    f = out / "results.jsonl"
-    got = set()
-    if f.is_file():
-        for line in f.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if (rec.get("kind") == "fanout" and rec["len"] == args.len and rec["max_tokens"] == args.max_tokens
-                    and rec["shape"] == args.shape and rec["groups"] == len(groups(args))):
-                got.add(rec["prompt"])
-    return got
+    return {rec["prompt"] for rec in records(out)
+            if rec.get("kind") == "fanout" and rec["len"] == args.len and rec["max_tokens"] == args.max_tokens
+            and rec["shape"] == args.shape and rec["groups"] == len(groups(args))}
 
 
 def mode_c(args, fanout: bool = False) -> int:
@@ -456,7 +448,7 @@ async def _group_c(base: str, ps: list[list[int]], press: str, ratio: float, arg
 
 
 def summarize(out: Path, bandwidth: float) -> str:
-    recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines() if x.strip()]
+    recs = list(records(out))
     meta = next((r for r in recs if r.get("kind") == "meta" and "weights_read_bytes" in r), None)
     res = {}
     for r in recs:
