@@ -343,7 +343,11 @@ def test_smoke_matrix_real_kvpress_on_ray_node_killed_same_report(tmp_path: Path
         return cfg, paths, cpath
 
     cfg, paths, cpath = setup(tmp_path / "ray", 18480)
-    exp = expand(cfg, load_matrix(REPO / "config" / "matrix" / "smoke.yaml"))
+    # cells one after another: with the group's cells interleaved and their prefill shared, the tiny model answers
+    # all 12 requests before the driver's first pull shows 2, and the kill would find nothing left to do
+    # (interleaved groups under a node kill: test_worker_node_killed_mid_group_retried_elsewhere_exactly_once)
+    smoke = load_matrix(REPO / "config" / "matrix" / "smoke.yaml").model_copy(update={"interleave": False})
+    exp = expand(cfg, smoke)
     assert len(exp.cells) == 4 and len(exp.groups) == 1
     runner = RayMatrixRunner(cfg, exp, address=ray_cluster.address, slot_resource=SLOT, cwd=tmp_path / "ray",
                              sync_s=0.5, log=print)
@@ -364,7 +368,7 @@ def test_smoke_matrix_real_kvpress_on_ray_node_killed_same_report(tmp_path: Path
     conn.close()
     # the reference: the same matrix, never interrupted, on the local backend
     rcfg, rpaths, rcpath = setup(tmp_path / "ref", 18490)
-    ref = MatrixRunner(rcfg, expand(rcfg, load_matrix(REPO / "config" / "matrix" / "smoke.yaml")), inventory(slots=1),
+    ref = MatrixRunner(rcfg, expand(rcfg, smoke), inventory(slots=1),
                        cwd=tmp_path / "ref").run()
     assert ref.ok, [(o.cell.label, o.reason) for o in ref.outcomes]
     _score_analyze(cpath)

@@ -116,14 +116,18 @@ class GroupRunner:
             try:
                 if self.cancel.is_set():
                     return CellOutcome(cell, "skipped", "matrix interrupted", gpus=gpus, group_id=group.group_id)
-                o = self._cell(group, cell, gpus, port, shared, gate=gate)
                 # the shared engine died under every interleaved cell at once: each resumes on the restarted
-                # engine (SharedEngine.ensure restarts it at most max_restarts times, then fails fast)
-                while (o.status == "incomplete" and o.reason and "engine stopped" in o.reason
-                       and not self.cancel.is_set() and shared.start_error is None
-                       and shared.loads <= shared.max_restarts):
+                # engine (SharedEngine.ensure restarts it at most max_restarts times, then fails fast). A cell
+                # sees the death as "engine stopped" (the watchdog) or, when its requests ran out of retries
+                # first, as failed requests: then the engine is dead now or was restarted meanwhile.
+                while True:
+                    loads0 = max(shared.loads, 1)
                     o = self._cell(group, cell, gpus, port, shared, gate=gate)
-                return o
+                    died = (bool(o.reason and "engine stopped" in o.reason) or shared.loads > loads0
+                            or (shared.inst is not None and not shared.rt.is_running(shared.inst)))
+                    if (o.status == "completed" or o.status == "skipped" or not died or self.cancel.is_set()
+                            or shared.start_error is not None or shared.loads > shared.max_restarts):
+                        return o
             finally:
                 gate.leave(cell.cell_id)
                 with lock:
