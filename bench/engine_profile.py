@@ -43,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--bandwidth", type=float, default=4.8e12)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--step-mode", default="eager,graph",
+                   help="decoding-step modes to measure, comma-separated: eager, static, graph (CUDA graphs)")
+    p.add_argument("--static-attn", default="matmul", help="attention of static/graph steps: matmul, sdpa, or both")
+    p.add_argument("--fuse", default="on",
+                   help="static/graph steps with the norms, MLPs and rotary embedding compiled: on, off, or on,off")
+    p.add_argument("--check-batch", type=int, default=4,
+                   help="with graph in --step-mode: also decode this many sequences --steps steps twice, as "
+                        "static steps and as graph replays, and record whether the tokens are identical (0: skip)")
     a = p.parse_args(argv)
 
     import torch
@@ -73,8 +81,45 @@ def main(argv: list[str] | None = None) -> int:
     import random
 
     rng = random.Random(0)
-    for b in batches:
-        batch = eng.new_batch(b)
+    from kvpress_engine.engine import Batch
+
+    modes = []
+    for mode in a.step_mode.split(","):
+        for attn in (a.static_attn.split(",") if mode != "eager" else ["-"]):
+            for fuse in (a.fuse.split(",") if mode != "eager" else ["off"]):
+                modes.append((mode, attn, fuse == "on"))
+    if cuda and a.check_batch and any(m == "graph" for m, _, _ in modes):
+        for attn, fuse in sorted({(x, f) for m, x, f in modes if m == "graph"}):
+            eng.static_attn, eng.fuse = attn, fuse
+            toks = {}
+            for mode in ("static", "graph"):
+                r = random.Random(1)
+                batch = Batch(eng, a.check_batch, mode)
+                for _ in range(a.check_batch):
+                    ids = [r.randrange(1000, 40000) for _ in range(a.len)]
+                    batch.join(eng.prefill(Encoded(ids, None), spec, a.steps + 2, ignore_eos=True))
+                seq = []
+                for _ in range(a.steps):
+                    batch.step()
+                    seq.append(batch.cache.tokens[: batch.cache.n].tolist())
+                toks[mode] = seq
+                assert batch.mode == mode, batch.mode_reason
+                while batch.active:
+                    batch._leave(batch.active[-1])
+                del batch
+                torch.cuda.empty_cache()
+            same = toks["static"] == toks["graph"]
+            rec = {"check": "graph_equals_static", "static_attn": attn, "fuse": fuse, "batch": a.check_batch, "steps": a.steps,
+                   "len": a.len, "press": a.press, "identical": same}
+            with open(out / "profile.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(f"graph replays == static steps ({attn}, fuse {fuse}, batch {a.check_batch}, {a.steps} steps): {same}",
+                  flush=True)
+    for (mode, attn, fuse), b in [(m, b) for m in modes for b in batches]:
+        eng.fuse = fuse
+        if attn != "-":
+            eng.static_attn = attn
+        batch = Batch(eng, b, mode)
         n_steps = a.warmup + 2 * a.steps
         t = time.perf_counter()
         for _ in range(b):
@@ -104,20 +149,27 @@ def main(argv: list[str] | None = None) -> int:
         bound_ms = 1e3 * (weights_read + kv_tokens * eng.kv_bytes_per_token) / a.bandwidth
         sort = "self_device_time_total" if cuda else "self_cpu_time_total"
         table = ev.table(sort_by=sort, row_limit=a.top)
-        (out / f"profile_b{b}.txt").write_text(table)
-        rec = {"batch": b, "len": a.len, "press": a.press, "ratio": a.ratio, "shape": a.shape, "device": m.device,
+        tag = mode if attn == "-" else f"{mode}_{attn}" + ("_fused" if fuse else "")
+        (out / f"profile_b{b}_{tag}.txt").write_text(table)
+        g = batch.graphs
+        rec = {"batch": b, "step_mode": batch.mode, "static_attn": None if attn == "-" else attn,
+               "fused": bool(g.fused) if g else (fuse and mode == "static"),
+               "fuse_reason": g.fuse_reason if g else None,
+               "fallback_reason": batch.mode_reason,
+               "graph_captures": g.captures if g else 0, "graph_capture_s": round(g.capture_s, 3) if g else 0.0,
+               "len": a.len, "press": a.press, "ratio": a.ratio, "shape": a.shape, "device": m.device,
                "kv_tokens_in_batch": kv_tokens, "prefill_s_total": round(prefill_s, 3),
                "wall_ms_per_step": round(wall_ms, 3), "device_ms_per_step": round(device_ms, 3),
                "tok_s": round(b * 1e3 / wall_ms, 1), "bound_ms_per_step": round(bound_ms, 3),
                "wall_over_bound": round(wall_ms / bound_ms, 2)}
         with open(out / "profile.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
-        print(f"\n== batch {b}: {wall_ms:.2f} ms/step wall, {device_ms:.2f} ms/step on the device, "
+        print(f"\n== {tag}, batch {b}: {wall_ms:.2f} ms/step wall, {device_ms:.2f} ms/step on the device, "
               f"{rec['tok_s']} tok/s; HBM bound {bound_ms:.2f} ms/step ({rec['wall_over_bound']}x)", flush=True)
         print(table, flush=True)
         while batch.active:  # leave nothing behind
             batch._leave(batch.active[-1])
-        del batch
+        del batch, g
         if cuda:
             torch.cuda.empty_cache()
     return 0

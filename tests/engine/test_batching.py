@@ -53,11 +53,18 @@ def _cases(eng):
     return cases
 
 
-def test_batched_equals_alone_for_every_method(eng):
+@pytest.mark.parametrize("mode,attn", [("eager", "matmul"), ("static", "sdpa"), ("static", "matmul")])
+def test_batched_equals_alone_for_every_method(eng, mode, attn, monkeypatch):
+    """eager: shapes from the host lengths; static: the CUDA graph's computation (whole capacity, device-side
+    lengths, padded bucket rows) uncaptured, with either attention kernel."""
+    from kvpress_engine.engine import Batch
+
     cancel_after = {"snapkv": 3}  # one request's client goes away mid-decode
     cases = [(n, s, e, mx + (10 if n in cancel_after else 0)) for n, s, e, mx in _cases(eng)]
     alone = {name: eng.generate(enc, spec, mx, ignore_eos=True) for name, spec, enc, mx in cases}
-    batch = eng.new_batch(6)
+    monkeypatch.setattr(eng, "static_attn", attn)
+    batch = Batch(eng, 6, mode)
+    padded_steps = 0
     pending = list(cases)
     got, reasons, ragged_steps, mid_joins = {}, {}, 0, 0
 
@@ -87,6 +94,7 @@ def test_batched_equals_alone_for_every_method(eng):
             c = batch.cache
             if c.n > 1 and (c.lens[:, : c.n].min(axis=1) != c.lens[:, : c.n].max(axis=1)).any():
                 ragged_steps += 1
+            padded_steps += c.bucket(c.n) > c.n
             for a in batch.step():
                 got[a.name] = eng.result(a)
 
@@ -99,12 +107,14 @@ def test_batched_equals_alone_for_every_method(eng):
         assert res.token_ids == ref.token_ids, name
         assert res.text == ref.text, name
         assert res.applied["batched"] == (name not in reasons)
+        assert res.applied["decode_step"] == (mode if name not in reasons else "alone"), name
         assert res.applied["kv_tokens_final"] == ref.applied["kv_tokens_final"], name
     batched = [n for n in got if n not in reasons]
     assert {"full", "snapkv", "pyramidkv", "streamingllm", "knorm", "expected_attention", "finch", "think",
             "simlayerkv", "observed_attention", "per_layer", "chunkkv", "merging"} <= set(batched)
     assert max(got[n].applied["batch_size_max"] for n in batched) == 6
     assert ragged_steps > 5 and mid_joins > 5  # rows of different lengths really shared steps
+    assert padded_steps > 0 or mode == "eager"  # bucket padding rows (length 0) rode along in static steps
     # decoding-time and head-wise masking presses decode alone, and say why
     assert {"decoding", "kvzip", "cam", "dms"} <= set(reasons)
     for name, res in got.items():
@@ -147,6 +157,96 @@ def test_pyramidkv_question_in_one_pass_equals_token_by_token(eng):
                 outs.append(torch.stack(rows))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
     assert torch.equal(outs[0].argmax(-1), outs[1].argmax(-1))
+
+
+# ------------------------------------------------------------------------------------------------ graph steps
+
+
+def _decode_in(eng, batch, reqs):
+    """Decode (spec, prompt, max_tokens) requests together in ``batch``; their results in order."""
+    from kvpress_engine.engine import Encoded
+
+    acts = []
+    for spec, ids, mx in reqs:
+        act = eng.prefill(Encoded(ids, None), spec, mx, ignore_eos=True)
+        batch.join(act)
+        acts.append(act)
+    out = {}
+    while batch.active:
+        for a in batch.step():
+            out[id(a)] = eng.result(a)
+    return [out[id(a)] for a in acts]
+
+
+def _reqs(eng):
+    from kvpress_engine.methods import PressSpec, resolve_press_spec
+
+    return [(resolve_press_spec(PressSpec(), kv), eng.tokenizer.encode(CONTEXT * k + QUESTION), mx)
+            for kv, k, mx in [({"method": "full"}, 1, 6), ({"method": "snapkv", "compression_ratio": 0.5}, 3, 4),
+                              ({"method": "pyramidkv", "compression_ratio": 0.25}, 2, 5)]]
+
+
+def test_graph_steps_without_cuda_fall_back_to_static_steps_with_the_same_answers(eng):
+    """A batch told to capture CUDA graphs on a machine without CUDA (the capture really fails) says why, goes
+    on in static steps, and answers what decoding alone answers."""
+    from kvpress_engine.engine import Batch, Encoded
+
+    reqs = _reqs(eng)
+    alone = [eng.generate(Encoded(ids, None), spec, mx, ignore_eos=True) for spec, ids, mx in reqs]
+    batch = Batch(eng, 4, "graph")
+    got = _decode_in(eng, batch, reqs)
+    assert batch.mode == "static" and batch.mode_reason.startswith("capture failed:")
+    assert batch.graphs.captures == 0
+    for res, ref in zip(got, alone):
+        assert res.token_ids == ref.token_ids
+        assert res.applied["decode_step"] == "static"
+
+
+def test_step_modes_resolve_by_device_and_the_cli_refuses_graphs_on_cpu():
+    import torch
+    from kvpress_engine.batch import resolve_step_mode
+    from kvpress_engine.cli import parse_args
+
+    assert resolve_step_mode("auto", torch.device("cpu")) == "eager"
+    assert resolve_step_mode("auto", torch.device("cuda")) == "graph"
+    assert resolve_step_mode("static", torch.device("cpu")) == "static"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        resolve_step_mode("graph", torch.device("cpu"))
+    with pytest.raises(ValueError, match="step mode must be one of"):
+        resolve_step_mode("fast", torch.device("cpu"))
+    assert parse_args([]).decode_step == "auto" and parse_args([]).static_attn == "matmul"
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--device", "cpu", "--decode-step", "graph"])
+    assert e.value.code == 2
+
+
+def test_fused_blocks_are_swapped_in_for_static_steps_only_and_answer_the_same(eng):
+    """torch.compile'd norms/MLPs/rotary replace transformers' own for a static step and are put back after;
+    a fused static batch decodes what decoding alone decodes (CPU float32: inductor's CPU backend)."""
+    import sys
+
+    from kvpress_engine.batch import Fused
+    from kvpress_engine.engine import Batch, Encoded
+
+    model = eng.model
+    modeling = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    rotary = modeling.apply_rotary_pos_emb
+    fused = Fused(model)
+    n_layers = eng.n_layers
+    assert len(fused.swaps) == 2 * n_layers + 1 + n_layers + 1  # 2 norms per layer + final norm, MLPs, rotary
+    with fused:
+        assert model.model.norm.forward.func is not None and modeling.apply_rotary_pos_emb is not rotary
+    assert "forward" not in model.model.norm.__dict__ and modeling.apply_rotary_pos_emb is rotary
+
+    reqs = _reqs(eng)
+    alone = [eng.generate(Encoded(ids, None), spec, mx, ignore_eos=True) for spec, ids, mx in reqs]
+    eng.fuse, eng._fused = True, fused
+    try:
+        got = _decode_in(eng, Batch(eng, 4, "static"), reqs)
+    finally:
+        eng.fuse, eng._fused = False, None
+    assert [r.token_ids for r in got] == [r.token_ids for r in alone]
+    assert "forward" not in model.model.layers[0].mlp.__dict__ and modeling.apply_rotary_pos_emb is rotary
 
 
 # ------------------------------------------------------------------------------------------------ detokenizer

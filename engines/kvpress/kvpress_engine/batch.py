@@ -8,6 +8,14 @@ attention function registered here (``kvt_ragged``, through transformers' ``Atte
 each row to its own valid length per layer (padded SDPA with a key-padding mask, only where lengths differ).
 kvpress's presses are untouched: they only ever see one sequence's prefill.
 
+A step runs in one of three ways (``Batch(step_mode=...)``): ``eager`` slices every layer's buffer to the
+longest row and masks only ragged layers (host reads of the lengths decide shapes); ``static`` attends over each
+layer's whole capacity with a mask built on the device from the device-side lengths, at a batch size rounded up
+to a bucket (padding rows hold length 0), so no shape depends on a host value; ``graph`` is ``static`` captured
+once per (bucket, buffer generation) into a CUDA graph and replayed: one launch per step instead of ~30 kernels
+per layer. Reallocating a buffer (a longer sequence joins, more rows) starts a new generation: its graphs are
+dropped and captured again on first use.
+
 The same attention function also serves one sequence's multi-token "question" prefill over a cache whose
 layers hold different lengths (PyramidKV under context_only / kvpress_pipeline scope): a bottom-right
 aligned causal mask per layer, so the question goes in one forward pass instead of one token at a time.
@@ -15,6 +23,7 @@ aligned causal mask per layer, so the question goes in one forward pass instead 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -80,12 +89,17 @@ class SlotCache:
     slot is refilled by the last one). Duck-types the part of transformers' Cache a decoder layer calls."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype, device, max_slots: int,
-                 grouped: bool):
+                 grouped: bool, static_attn: str = "sdpa"):
         self.L, self.H, self.D = n_layers, n_kv_heads, head_dim
         self.dtype, self.device, self.max_slots = dtype, torch.device(device), max_slots
         self.grouped = grouped  # GQA as (kv_heads, group) queries: no repeat_kv copy of the cache
         self.n = 0
         self.slots = 0
+        self.gen = 0  # bumped whenever a buffer is reallocated (captured graphs hold their addresses)
+        self.static_rows: int | None = None  # a static step: rows 0..static_rows-1, whole capacity
+        if static_attn not in ("sdpa", "matmul"):
+            raise ValueError(f"static_attn must be sdpa or matmul, not {static_attn!r}")
+        self.static_attn = static_attn
         self.cap = [0] * n_layers
         self.K: list[torch.Tensor | None] = [None] * n_layers
         self.V: list[torch.Tensor | None] = [None] * n_layers
@@ -98,6 +112,7 @@ class SlotCache:
         self._step_len: np.ndarray | None = None
         self._ragged: np.ndarray | None = None
         self._masks: dict[int, torch.Tensor] = {}
+        self._smasks: torch.Tensor | None = None
 
     # ---------------------------------------------------------------------------------------- membership
     def allocated_bytes(self) -> int:
@@ -127,7 +142,9 @@ class SlotCache:
                 k[: self.n, :, :m] = self.K[l][: self.n, :, :m]
                 v[: self.n, :, :m] = self.V[l][: self.n, :, :m]
             self.K[l], self.V[l], self.cap[l] = k, v, cap
+            self.gen += 1
         if new_slots != self.slots:
+            self.gen += 1
             def widen(t, fill=0):
                 out = torch.full((*t.shape[:-1], new_slots), fill, dtype=t.dtype, device=t.device)
                 out[..., : t.shape[-1]] = t
@@ -177,8 +194,14 @@ class SlotCache:
             self.lens_dev[:, row] = self.lens_dev[:, last]
             self.tokens[row] = self.tokens[last]
             self.pos[row] = self.pos[last]
+        # the vacated row becomes padding for a static step: length 0, token 0, position 0
+        self.lens[:, last] = 0
+        self.lens_dev[:, last] = 0
+        self.tokens[last] = 0
+        self.pos[last] = 0
         self.n -= 1
         if self.n == 0:  # give the memory back between bursts
+            self.gen += 1
             self.K = [None] * self.L
             self.V = [None] * self.L
             self.cap = [0] * self.L
@@ -188,6 +211,13 @@ class SlotCache:
             self.tokens, self.pos = self.tokens[:0], self.pos[:0]
 
     # ---------------------------------------------------------------------------------------- one step
+    def bucket(self, n: int) -> int:
+        """The static batch size serving ``n`` rows: the next power of two, at most the rows allocated."""
+        b = 1
+        while b < n:
+            b *= 2
+        return min(b, self.slots)
+
     def prepare_step(self) -> None:
         n = self.n
         held = self.lens[:, :n]
@@ -205,6 +235,13 @@ class SlotCache:
         self.pos[:n] += 1
 
     def update(self, key_states, value_states, layer_idx: int, cache_kwargs: Any = None):
+        if self.static_rows is not None:
+            b = self.static_rows
+            rows, at = self._rows[:b], self.lens_dev[layer_idx, :b]
+            K, V = self.K[layer_idx], self.V[layer_idx]
+            K[rows, :, at] = key_states[:, :, 0]
+            V[rows, :, at] = value_states[:, :, 0]
+            return K[:b], V[:b]
         n = self.n
         rows = self._rows[:n]
         at = self.lens_dev[layer_idx, :n]
@@ -230,10 +267,37 @@ class SlotCache:
             self._masks[key] = mask
         return mask
 
+    def _static_masks(self) -> None:
+        # every layer's valid keys after this step's write, one kernel for all layers: positions 0..len of each
+        # row (its new key sits at len); layer l uses the first cap[l] columns
+        b = self.static_rows
+        self._smasks = torch.arange(max(self.cap), device=self.device)[None, None, :] <= self.lens_dev[:, :b, None]
+
     def attend(self, module, query, key, value, scaling):
-        mask = self._mask(module.layer_idx)
         n, hq, q, d = query.shape
         hkv = key.shape[1]
+        if self.static_rows is not None:
+            if module.layer_idx == 0 or self._smasks is None:
+                self._static_masks()
+            mask = self._smasks[module.layer_idx, :, None, None, : key.shape[2]]
+            if self.static_attn == "matmul":
+                # decoding attention as two batched matmuls: reads K and V once at any batch size (the
+                # memory-efficient SDPA kernel parallelizes over batch x heads only: few blocks at batch 1).
+                # Scores in float32 as flash attention keeps them (bmm with out_dtype on CUDA), the weights
+                # back in the cache dtype for the product with V, as flash attention does too
+                g, cap = hq // hkv, key.shape[2]
+                scale = scaling if scaling is not None else d ** -0.5
+                qg = (query * scale).reshape(n * hkv, g * q, d)
+                kt = key.reshape(n * hkv, cap, d).transpose(1, 2)
+                if query.is_cuda and query.dtype != torch.float32:
+                    w = torch.bmm(qg, kt, out_dtype=torch.float32)
+                else:
+                    w = torch.bmm(qg.float(), kt.float())
+                w = w.view(n, hkv, g * q, cap).masked_fill(~mask, float("-inf")).softmax(-1)
+                out = torch.bmm(w.to(value.dtype).view(n * hkv, g * q, cap), value.reshape(n * hkv, cap, d))
+                return out.view(n, hq, q, d).transpose(1, 2).contiguous(), None
+        else:
+            mask = self._mask(module.layer_idx)
         if self.grouped and hq != hkv:
             out = torch.nn.functional.scaled_dot_product_attention(
                 query.reshape(n, hkv, (hq // hkv) * q, d), key, value, attn_mask=mask, scale=scaling)
@@ -248,3 +312,151 @@ class SlotCache:
         return self.L
 
     is_compileable = False
+
+
+# -------------------------------------------------------------------------------------------- static steps
+STEP_MODES = ("auto", "eager", "static", "graph")
+
+
+def resolve_step_mode(mode: str, device: torch.device) -> str:
+    """``auto``: CUDA graphs on CUDA, eager elsewhere (a graph needs CUDA; ``static`` without capture is the
+    same computation, kept for tests and for a model whose forward cannot be captured)."""
+    if mode not in STEP_MODES:
+        raise ValueError(f"step mode must be one of {', '.join(STEP_MODES)}, not {mode!r}")
+    if mode == "auto":
+        return "graph" if device.type == "cuda" else "eager"
+    if mode == "graph" and device.type != "cuda":
+        raise ValueError("step mode 'graph' needs a CUDA device")
+    return mode
+
+
+def static_forward(model, c: SlotCache, b: int, fused: "Fused | None" = None) -> torch.Tensor:
+    """One decoding step over rows 0..b-1 of ``c`` (rows >= c.n are padding) with shapes that depend on
+    ``b`` and the buffers only; returns the greedy next token of every row, (b,) on the device."""
+    c.static_rows, c._smasks = b, None
+    try:
+        with use_attention(model, ATTN_NAME), decode_kernels(c.device), (fused or contextlib.nullcontext()):
+            out = model(input_ids=c.tokens[:b, None], position_ids=c.pos[:b, None], past_key_values=c,
+                        cache_position=c.pos[:1], use_cache=True, kvt_batch=c, logits_to_keep=1)
+        return out.logits[:, -1].argmax(-1)
+    finally:
+        c.static_rows, c._smasks = None, None
+
+
+class Fused:
+    """The model's elementwise blocks compiled (torch.compile / inductor) for static steps only: every
+    ``*RMSNorm`` and ``*MLP`` module's class forward and the modeling module's ``apply_rotary_pos_emb``, swapped
+    in for the duration of a step (prefill, presses and eager steps keep transformers' own code). Fusing them
+    cuts a Llama layer's ~50 kernels to ~20; inside a CUDA graph that is what is left of a step's overhead.
+    One compiled function per class, shared by its instances; the batch size becomes dynamic after the
+    second bucket (dynamo's automatic dynamic shapes), so later buckets do not compile again."""
+
+    def __init__(self, model):
+        import functools
+        import sys
+
+        self.swaps: list[tuple[Any, str, Any]] = []
+        compiled: dict[Any, Any] = {}
+        modeling = set()
+        for mod in model.modules():
+            cls = type(mod)
+            if cls.__name__.endswith(("RMSNorm", "MLP")):
+                if cls not in compiled:
+                    compiled[cls] = torch.compile(cls.forward)
+                self.swaps.append((mod, "forward", functools.partial(compiled[cls], mod)))
+            if hasattr(mod, "layer_idx") and hasattr(mod, "q_proj"):
+                modeling.add(sys.modules[cls.__module__])
+        for m in modeling:
+            if callable(getattr(m, "apply_rotary_pos_emb", None)):
+                self.swaps.append((m, "apply_rotary_pos_emb", torch.compile(m.apply_rotary_pos_emb)))
+        self.kept: list[Any] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.swaps)
+
+    def __enter__(self):
+        self.kept = []
+        for obj, attr, new in self.swaps:
+            self.kept.append(obj.__dict__.get(attr, _MISSING))
+            setattr(obj, attr, new)
+        return self
+
+    def __exit__(self, *exc):
+        for (obj, attr, _), old in zip(self.swaps, self.kept):
+            if old is _MISSING:
+                delattr(obj, attr)  # back to the class's method
+            else:
+                setattr(obj, attr, old)
+        self.kept = []
+
+
+_MISSING = object()
+
+
+class StepGraphs:
+    """CUDA graphs of :func:`static_forward`, one per bucket of the current buffer generation.
+
+    Capturing runs the step (twice on a side stream to warm up, once under capture): each run writes this
+    step's keys and values at every row's next free position, which the replay then overwrites with the same
+    values, and padding rows write at their position 0 — so capturing never changes a sequence's cache."""
+
+    def __init__(self, model, cache: SlotCache, warmup: int = 2, fused: "Fused | None" = None):
+        self.model, self.cache, self.warmup = model, cache, warmup
+        self.fused = fused if fused else None
+        self.fuse_reason: str | None = None  # why fusing was given up (its compile failed)
+        self.gen = -1
+        self.graphs: dict[int, tuple[Any, torch.Tensor]] = {}
+        self.pool = None  # one memory pool for every bucket's graph (made at the first capture)
+        self.captures = 0
+        self.capture_s = 0.0
+        self.replays = 0
+
+    def run(self, n: int) -> torch.Tensor:
+        """The next token of rows 0..n-1 ((n,) on the device), by replaying (capturing first if needed)."""
+        c = self.cache
+        if c.gen != self.gen:  # the buffers moved: the old graphs point at freed memory
+            self.graphs.clear()
+            self.gen = c.gen
+        b = c.bucket(n)
+        entry = self.graphs.get(b)
+        if entry is None:
+            entry = self.graphs[b] = self._capture(b)
+        entry[0].replay()
+        self.replays += 1
+        return entry[1][:n]
+
+    def _capture(self, b: int):
+        import time
+
+        t = time.perf_counter()
+        model, c = self.model, self.cache
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(device=c.device)
+        side.wait_stream(torch.cuda.current_stream(c.device))
+        with torch.cuda.stream(side):
+            for i in range(self.warmup):
+                try:
+                    static_forward(model, c, b, self.fused)
+                except Exception as e:  # noqa: BLE001 - the compiled blocks failed: capture unfused
+                    if self.fused is None:
+                        raise
+                    import logging
+
+                    logging.getLogger("kvpress_engine").warning(
+                        "compiling the decoding step's blocks failed, capturing them unfused: %s: %s",
+                        type(e).__name__, e)
+                    self.fused, self.fuse_reason = None, f"{type(e).__name__}: {e}"
+                    static_forward(model, c, b)
+        torch.cuda.current_stream(c.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: CUDA work of another thread (metrics, NVML) does not break this thread's capture
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = static_forward(model, c, b, self.fused)
+        self.captures += 1
+        self.capture_s += time.perf_counter() - t
+        return graph, out
+
+    def reset(self) -> None:
+        self.graphs.clear()
+        self.gen = -1

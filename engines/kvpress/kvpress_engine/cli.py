@@ -32,6 +32,8 @@ class EngineConfig:
     warmup: bool = True
     fanout_max: int = 32  # requests of one prompt sharing one prefill pass (1: no fan-out)
     fanout_wait_s: float = 0.02  # how long a request waits for others of the same prompt before its prefill
+    decode_step: str = "auto"  # eager | static | graph (auto: graph on CUDA, eager on CPU)
+    static_attn: str = "matmul"  # attention kernel of static/graph steps: matmul | sdpa
     default_press: PressSpec = field(default_factory=PressSpec)
 
 
@@ -94,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "scope, split) share one forward pass, each press hooking its own copy of the KV; 1 = off")
     s.add_argument("--fanout-wait-ms", type=float, default=20.0,
                    help="a request waits at most this long (since it arrived) for others of the same prompt")
+    s.add_argument("--decode-step", default="auto", choices=["auto", "eager", "static", "graph"],
+                   help="how a batched decoding step runs: graph = captured once per batch-size bucket into a CUDA "
+                        "graph and replayed (one launch per step); static = the same fixed-shape step uncaptured; "
+                        "eager = shapes from the current lengths. auto: graph on CUDA, eager on CPU")
+    s.add_argument("--static-attn", default="matmul", choices=["matmul", "sdpa"],
+                   help="attention of static/graph steps over the whole slot buffer: two batched matmuls, or "
+                        "SDPA with a key-padding mask")
     k = p.add_argument_group("press defaults (a request's kv_press object overrides them)")
     k.add_argument("--method", default="full", choices=list(METHODS))
     b = k.add_mutually_exclusive_group()
@@ -148,6 +157,8 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
         parser.error("--fanout-max must be >= 1 (1 = no fan-out)")
     if a.fanout_wait_ms < 0:
         parser.error("--fanout-wait-ms must be >= 0")
+    if a.decode_step == "graph" and a.device == "cpu":
+        parser.error("--decode-step graph needs --device cuda (CUDA graphs)")
     if not 0 < a.port < 65536:
         parser.error("--port must be in 1..65535")
     return EngineConfig(
@@ -170,5 +181,7 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
         warmup=not a.no_warmup,
         fanout_max=a.fanout_max,
         fanout_wait_s=a.fanout_wait_ms / 1000.0,
+        decode_step=a.decode_step,
+        static_attn=a.static_attn,
         default_press=default_press,
     )

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from transformers import DynamicCache
 
-from .batch import ATTN_NAME, SlotCache, decode_kernels, use_attention
+from .batch import ATTN_NAME, SlotCache, StepGraphs, decode_kernels, resolve_step_mode, static_forward, use_attention
 from . import fanout
 from .build import BuiltPress, bind_tokenizer, build_press, clear_masks, masked_per_layer
 from .detok import Detokenizer
@@ -65,10 +65,17 @@ def message_text(content: Any) -> str:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, *, device: str, max_model_len: int, attn_implementation: str, name: str):
+    def __init__(self, model, tokenizer, *, device: str, max_model_len: int, attn_implementation: str, name: str,
+                 step_mode: str = "auto", static_attn: str = "matmul", fuse: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
+        # how a batched decoding step runs (batch.py): eager | static | graph (auto: graph on CUDA)
+        self.step_mode = resolve_step_mode(step_mode, self.device)
+        self.static_attn = static_attn
+        # graph steps: the norms, MLPs and rotary embedding compiled (batch.Fused); None = on for graph steps
+        self.fuse = (self.step_mode == "graph") if fuse is None else fuse
+        self._fused = None
         self.max_model_len = max_model_len
         self.base_attn = attn_implementation
         self.name = name
@@ -446,8 +453,16 @@ class Engine:
 
     # ------------------------------------------------------------------ the shared batch
 
+    def fused(self):
+        """The compiled blocks (made once, shared by every batch), or None when not fusing."""
+        if self.fuse and self._fused is None:
+            from .batch import Fused
+
+            self._fused = Fused(self.model)
+        return self._fused if self.fuse else None
+
     def new_batch(self, max_batch: int) -> "Batch":
-        return Batch(self, max_batch)
+        return Batch(self, max_batch, self.step_mode)
 
     # ------------------------------------------------------------------ results
 
@@ -499,6 +514,8 @@ class Engine:
             "batched": act.batch_reason is None,
             "batched_reason": act.batch_reason,
             "batch_size_max": act.batch_size_max,
+            # eager | static | graph (CUDA graph replays) for batched requests; alone for the plain loop
+            "decode_step": act.decode_step,
             # fan-out prefill: whether this request's (context) prefill came from a forward pass shared with
             # other requests of the same prompt, how many requests that pass served (1: its own), why not shared
             "shared_prefill": act.shared_prefill,
@@ -634,6 +651,7 @@ class Active:
     finish: str = "length"
     done: bool = False
     batch_size_max: int = 1
+    decode_step: str = "alone"  # how its decoding steps ran: alone | eager | static | graph
     attn_target: str = ""  # the attention implementation its prefill runs under
     shared_prefill: bool = False
     shared_with: int = 1
@@ -645,15 +663,18 @@ class Batch:
     """The sequences decoding together: one forward pass per step over all of them (SlotCache +
     kvt_ragged attention); sequences join after their prefill and leave when done, between steps."""
 
-    def __init__(self, engine: Engine, max_batch: int):
+    def __init__(self, engine: Engine, max_batch: int, step_mode: str = "eager"):
         self.engine = engine
         self.max_batch = max_batch
         cfg = engine.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.cache = SlotCache(engine.n_layers, engine.n_kv_heads, head_dim, engine.model.dtype, engine.device,
-                               max_batch, grouped=engine.device.type == "cuda")
+                               max_batch, grouped=engine.device.type == "cuda", static_attn=engine.static_attn)
         self.active: list[Active] = []
         self.steps = 0
+        self.mode = step_mode
+        self.mode_reason: str | None = None  # why a graph batch fell back to static steps
+        self.graphs = StepGraphs(engine.model, self.cache, fused=engine.fused()) if step_mode == "graph" else None
 
     def __len__(self) -> int:
         return len(self.active)
@@ -690,11 +711,24 @@ class Batch:
             return done
         c, model = self.cache, self.engine.model
         n = c.n
-        c.prepare_step()
-        with use_attention(model, ATTN_NAME), decode_kernels(c.device):
-            out = model(input_ids=c.tokens[:n, None], position_ids=c.pos[:n, None], past_key_values=c,
-                        cache_position=c.pos[:1], use_cache=True, kvt_batch=c, logits_to_keep=1)
-        nxt = out.logits[:, -1].argmax(-1)
+        nxt = None
+        if self.mode == "graph":
+            try:
+                nxt = self.graphs.run(n)
+            except Exception as e:  # noqa: BLE001 - a forward that cannot be captured still runs, uncaptured
+                log.warning("CUDA graph capture failed, decoding without graphs: %s: %s", type(e).__name__, e)
+                if c.device.type == "cuda":
+                    torch.cuda.synchronize(c.device)
+                self.mode, self.mode_reason = "static", f"capture failed: {type(e).__name__}: {e}"
+                self.graphs.reset()
+        if nxt is None and self.mode == "static":
+            nxt = static_forward(model, c, c.bucket(n), self.engine.fused())[:n]
+        elif nxt is None:
+            c.prepare_step()
+            with use_attention(model, ATTN_NAME), decode_kernels(c.device):
+                out = model(input_ids=c.tokens[:n, None], position_ids=c.pos[:n, None], past_key_values=c,
+                            cache_position=c.pos[:1], use_cache=True, kvt_batch=c, logits_to_keep=1)
+            nxt = out.logits[:, -1].argmax(-1)
         c.tokens[:n] = nxt
         c.finish_step()
         self.steps += 1
@@ -703,6 +737,7 @@ class Batch:
         for a, t in zip(list(self.active), ids):
             if n > a.batch_size_max:
                 a.batch_size_max = n
+            a.decode_step = self.mode
             if self.engine.accept(a, t):
                 finished.append(a)
         for a in finished:

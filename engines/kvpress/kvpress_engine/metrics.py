@@ -93,6 +93,9 @@ def engine_metrics() -> Metrics:
         ("decode_steps_total", "counter", "batched decoding steps run"),
         ("batch_size_sum", "counter", "sum over decoding steps of the sequences in the step (/ decode_steps_total: "
          "mean batch size)"),
+        ("cuda_graph_captures_total", "counter", "decoding-step CUDA graphs captured (one per batch-size bucket and "
+         "KV buffer generation; --decode-step graph)"),
+        ("cuda_graph_capture_seconds_total", "counter", "seconds spent capturing decoding-step CUDA graphs"),
         ("kv_cache_allocated_bytes", "gauge", "bytes of the batch's preallocated KV slots (held by the engine)"),
         ("queue_depth", "gauge", "requests waiting plus running"),
         ("kv_cache_tokens", "gauge", "KV tokens per layer held by the decoding requests now, summed (0 when idle)"),

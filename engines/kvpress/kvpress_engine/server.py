@@ -117,6 +117,8 @@ class State:
                 max_model_len=limit,
                 attn_implementation=loaded.attn_implementation,
                 name=self.served_name,
+                step_mode=cfg.decode_step,
+                static_attn=cfg.static_attn,
             )
             t = time.perf_counter()
             if cfg.warmup:
@@ -137,6 +139,8 @@ class State:
                 "warmup_s": round(warm_s, 3),
                 "default_kv_press": _spec_dict(cfg.default_press),
                 "max_batch": cfg.max_batch,
+                "decode_step": engine.step_mode,
+                "static_attn": engine.static_attn,
                 "random_weights": cfg.random_weights,
             }
             threading.Thread(target=self._worker, name="kvpress-worker", daemon=True).start()
@@ -164,6 +168,7 @@ class State:
         eng = self.engine
         batch = eng.new_batch(self.cfg.max_batch)
         self.batch = batch
+        self._graphs_seen = (0, 0.0)
         self.metrics.set("max_batch", self.cfg.max_batch)
         pending: deque = deque()  # encoded jobs, in arrival order
         ready: deque = deque()  # prefilled sequences waiting for a row of the batch
@@ -267,6 +272,11 @@ class State:
         self.metrics.set("kv_cache_usage_perc", eng.live_kv_tokens / self.max_model_len)
         b = getattr(self, "batch", None)
         self.metrics.set("kv_cache_allocated_bytes", b.cache.allocated_bytes() if b is not None else 0)
+        g = b.graphs if b is not None else None
+        if g is not None and g.captures != self._graphs_seen[0]:  # counters: add what is new since last time
+            self.metrics.inc("cuda_graph_captures_total", g.captures - self._graphs_seen[0])
+            self.metrics.inc("cuda_graph_capture_seconds_total", g.capture_s - self._graphs_seen[1])
+            self._graphs_seen = (g.captures, g.capture_s)
 
     def _deliver(self, act) -> None:
         job = act.job
