@@ -89,9 +89,11 @@ class SlotCache:
     slot is refilled by the last one). Duck-types the part of transformers' Cache a decoder layer calls."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype, device, max_slots: int,
-                 grouped: bool, static_attn: str = "sdpa"):
+                 grouped: bool, static_attn: str = "sdpa", limit_bytes: int | None = None):
         self.L, self.H, self.D = n_layers, n_kv_heads, head_dim
         self.dtype, self.device, self.max_slots = dtype, torch.device(device), max_slots
+        self.elem = torch.tensor([], dtype=dtype).element_size()
+        self.limit_bytes = limit_bytes  # --kv-cache-limit-gib: what the slot buffers may hold at most
         self.grouped = grouped  # GQA as (kv_heads, group) queries: no repeat_kv copy of the cache
         self.n = 0
         self.slots = 0
@@ -122,18 +124,44 @@ class SlotCache:
         """KV entries held per (layer, row) for the active rows."""
         return self.lens[:, : self.n]
 
-    def _grow(self, slots: int, caps: list[int]) -> None:
+    def _plan(self, slots: int, caps: list[int], exact: bool = False) -> tuple[int, list[int]]:
+        """Rows and per-layer capacities after growing to hold ``slots`` rows and ``caps`` tokens: rows double
+        (``exact``: just enough), a capacity that must grow grows by >= 25%, rounded up to 64 tokens."""
         new_slots = self.slots
+        if exact:
+            new_slots = max(self.slots, slots)
         while new_slots < slots:
             new_slots = min(self.max_slots, max(1, new_slots * 2))
+        new_caps = []
         for l in range(self.L):
-            need = caps[l]
-            if new_slots == self.slots and need <= self.cap[l] and self.K[l] is not None:
+            need, cap = caps[l], self.cap[l]
+            if need > cap or self.K[l] is None:
+                cap = -(-max(need, int(cap * 1.25)) // 64) * 64
+            new_caps.append(cap)
+        return new_slots, new_caps
+
+    def _plan_bytes(self, slots: int, caps: list[int]) -> int:
+        return 2 * slots * self.H * self.D * self.elem * sum(caps)
+
+    def _join_plan(self, lens: list[int], extra: int) -> tuple[int, list[int]]:
+        caps = [max(self.cap[l], lens[l] + extra) for l in range(self.L)]
+        plan = self._plan(self.n + 1, caps)
+        if self.limit_bytes is not None and self._plan_bytes(*plan) > self.limit_bytes:
+            plan = self._plan(self.n + 1, caps, exact=True)  # doubling the rows would not fit: one more row
+        return plan
+
+    def bytes_after_join(self, lens: list[int], extra: int) -> int:
+        """What the slot buffers would hold (bytes) with one more row of these per-layer lengths + ``extra``."""
+        return self._plan_bytes(*self._join_plan(lens, extra))
+
+    def _grow(self, slots: int, caps: list[int], exact: bool = False) -> None:
+        self._apply(*self._plan(slots, caps, exact))
+
+    def _apply(self, new_slots: int, new_caps: list[int]) -> None:
+        for l in range(self.L):
+            cap = new_caps[l]
+            if new_slots == self.slots and cap == self.cap[l] and self.K[l] is not None:
                 continue
-            cap = max(need, self.cap[l])
-            if need > self.cap[l]:
-                cap = max(need, int(self.cap[l] * 1.25))
-                cap = -(-cap // 64) * 64
             # zeros, not empty: a masked (padding) position must not hold NaN (0 * NaN in the weighted sum)
             k = torch.zeros((new_slots, self.H, cap, self.D), dtype=self.dtype, device=self.device)
             v = torch.zeros_like(k)
@@ -145,6 +173,7 @@ class SlotCache:
             self.gen += 1
         if new_slots != self.slots:
             self.gen += 1
+
             def widen(t, fill=0):
                 out = torch.full((*t.shape[:-1], new_slots), fill, dtype=t.dtype, device=t.device)
                 out[..., : t.shape[-1]] = t
@@ -163,8 +192,7 @@ class SlotCache:
         ``extra`` more tokens. ``token``: its next input (a 0-d/1-element tensor on the device). Returns the row."""
         assert self.n < self.max_slots
         lens = [k.shape[2] for k, _ in layers]
-        caps = [max(self.cap[l], lens[l] + extra) for l in range(self.L)]
-        self._grow(self.n + 1, caps)
+        self._apply(*self._join_plan(lens, extra))
         r = self.n
         for l, (k, v) in enumerate(layers):
             if lens[l]:
@@ -212,10 +240,10 @@ class SlotCache:
 
     # ---------------------------------------------------------------------------------------- one step
     def bucket(self, n: int) -> int:
-        """The static batch size serving ``n`` rows: the next power of two, at most the rows allocated."""
-        b = 1
-        while b < n:
-            b *= 2
+        """The static batch size serving ``n`` rows: 1, 2, 4, then the next multiple of 4, at most the rows
+        allocated. Padding rows cost a whole row of attention reads each (their slot's full capacity), so the
+        buckets stay close above 4 (vLLM's graph sizes go 1, 2, 4, 8, 16, 24, ...); each bucket is one capture."""
+        b = n if n <= 2 else (4 if n <= 4 else -(-n // 4) * 4)
         return min(b, self.slots)
 
     def prepare_step(self) -> None:

@@ -34,6 +34,7 @@ class EngineConfig:
     fanout_wait_s: float = 0.02  # how long a request waits for others of the same prompt before its prefill
     decode_step: str = "auto"  # eager | static | graph (auto: graph on CUDA, eager on CPU)
     static_attn: str = "matmul"  # attention kernel of static/graph steps: matmul | sdpa
+    kv_cache_limit_gib: float | None = None  # the decoding batch's slot buffers hold at most this
     default_press: PressSpec = field(default_factory=PressSpec)
 
 
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how a batched decoding step runs: graph = captured once per batch-size bucket into a CUDA "
                         "graph and replayed (one launch per step); static = the same fixed-shape step uncaptured; "
                         "eager = shapes from the current lengths. auto: graph on CUDA, eager on CPU")
+    s.add_argument("--kv-cache-limit-gib", type=float, default=None,
+                   help="the decoding batch's KV slot buffers hold at most this many GiB: a prefilled request whose "
+                        "room does not fit waits for rows to leave (default: bounded by free GPU memory only)")
     s.add_argument("--static-attn", default="matmul", choices=["matmul", "sdpa"],
                    help="attention of static/graph steps over the whole slot buffer: two batched matmuls, or "
                         "SDPA with a key-padding mask")
@@ -157,6 +161,8 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
         parser.error("--fanout-max must be >= 1 (1 = no fan-out)")
     if a.fanout_wait_ms < 0:
         parser.error("--fanout-wait-ms must be >= 0")
+    if a.kv_cache_limit_gib is not None and a.kv_cache_limit_gib <= 0:
+        parser.error("--kv-cache-limit-gib must be > 0")
     if a.decode_step == "graph" and a.device == "cpu":
         parser.error("--decode-step graph needs --device cuda (CUDA graphs)")
     if not 0 < a.port < 65536:
@@ -183,5 +189,6 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
         fanout_wait_s=a.fanout_wait_ms / 1000.0,
         decode_step=a.decode_step,
         static_attn=a.static_attn,
+        kv_cache_limit_gib=a.kv_cache_limit_gib,
         default_press=default_press,
     )

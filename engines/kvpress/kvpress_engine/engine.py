@@ -66,13 +66,15 @@ def message_text(content: Any) -> str:
 
 class Engine:
     def __init__(self, model, tokenizer, *, device: str, max_model_len: int, attn_implementation: str, name: str,
-                 step_mode: str = "auto", static_attn: str = "matmul", fuse: bool | None = None):
+                 step_mode: str = "auto", static_attn: str = "matmul", fuse: bool | None = None,
+                 kv_limit_bytes: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         # how a batched decoding step runs (batch.py): eager | static | graph (auto: graph on CUDA)
         self.step_mode = resolve_step_mode(step_mode, self.device)
         self.static_attn = static_attn
+        self.kv_limit_bytes = kv_limit_bytes  # the batch's slot buffers hold at most this (None: free memory)
         # graph steps: the norms, MLPs and rotary embedding compiled (batch.Fused); None = on for graph steps
         self.fuse = (self.step_mode == "graph") if fuse is None else fuse
         self._fused = None
@@ -669,7 +671,8 @@ class Batch:
         cfg = engine.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.cache = SlotCache(engine.n_layers, engine.n_kv_heads, head_dim, engine.model.dtype, engine.device,
-                               max_batch, grouped=engine.device.type == "cuda", static_attn=engine.static_attn)
+                               max_batch, grouped=engine.device.type == "cuda", static_attn=engine.static_attn,
+                               limit_bytes=engine.kv_limit_bytes)
         self.active: list[Active] = []
         self.steps = 0
         self.mode = step_mode
@@ -681,6 +684,34 @@ class Batch:
 
     def full(self) -> bool:
         return len(self.active) >= self.max_batch
+
+    def free_bytes(self) -> int | None:
+        """Device memory a join may still allocate (CUDA: free + cached by torch, less a margin of 5% of the
+        GPU, at least 1 GiB, for the step's own work and the next prefill); None off CUDA (host memory is not
+        probed: --kv-cache-limit-gib bounds it)."""
+        dev = self.cache.device
+        if dev.type != "cuda":
+            return None
+        free, total = torch.cuda.mem_get_info(dev)
+        cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+        return free + cached - max(1 << 30, total // 20)
+
+    def can_join(self, act: Active) -> bool:
+        """Whether ``act`` (prefilled) may join now: a free row, and its slot room fits under
+        --kv-cache-limit-gib and in free device memory. An empty batch always takes it (it must run somehow:
+        alone it either fits or fails by itself)."""
+        if self.full():
+            return False
+        if not self.active:
+            return True
+        c = self.cache
+        lens = [layer.keys.shape[2] for layer in act.cache.layers]
+        after = c.bytes_after_join(lens, act.max_new - len(act.gen) + 1)
+        if c.limit_bytes is not None and after > c.limit_bytes:
+            return False
+        free = self.free_bytes()
+        # growing copies the buffers layer by layer: the new ones sit beside the old ones until each is copied
+        return free is None or after - c.allocated_bytes() + after // max(1, c.L) <= free
 
     def join(self, act: Active) -> None:
         layers = [(layer.keys, layer.values) for layer in act.cache.layers]

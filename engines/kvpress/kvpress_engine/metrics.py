@@ -96,6 +96,8 @@ def engine_metrics() -> Metrics:
         ("cuda_graph_captures_total", "counter", "decoding-step CUDA graphs captured (one per batch-size bucket and "
          "KV buffer generation; --decode-step graph)"),
         ("cuda_graph_capture_seconds_total", "counter", "seconds spent capturing decoding-step CUDA graphs"),
+        ("kv_admission_deferred_total", "counter", "prefilled requests that waited for KV memory (free device memory "
+         "or --kv-cache-limit-gib) before joining the decoding batch"),
         ("kv_cache_allocated_bytes", "gauge", "bytes of the batch's preallocated KV slots (held by the engine)"),
         ("queue_depth", "gauge", "requests waiting plus running"),
         ("kv_cache_tokens", "gauge", "KV tokens per layer held by the decoding requests now, summed (0 when idle)"),

@@ -119,6 +119,7 @@ class State:
                 name=self.served_name,
                 step_mode=cfg.decode_step,
                 static_attn=cfg.static_attn,
+                kv_limit_bytes=int(cfg.kv_cache_limit_gib * 2**30) if cfg.kv_cache_limit_gib else None,
             )
             t = time.perf_counter()
             if cfg.warmup:
@@ -141,6 +142,7 @@ class State:
                 "max_batch": cfg.max_batch,
                 "decode_step": engine.step_mode,
                 "static_attn": engine.static_attn,
+                "kv_cache_limit_gib": cfg.kv_cache_limit_gib,
                 "random_weights": cfg.random_weights,
             }
             threading.Thread(target=self._worker, name="kvpress-worker", daemon=True).start()
@@ -173,7 +175,7 @@ class State:
         pending: deque = deque()  # encoded jobs, in arrival order
         ready: deque = deque()  # prefilled sequences waiting for a row of the batch
         while True:
-            while ready and not batch.full():
+            while ready and batch.can_join(ready[0]):
                 batch.join(ready.popleft())
             if not ready:
                 if not batch.active and not pending:
@@ -324,7 +326,11 @@ class State:
                 act.job = job
                 if not act.done:
                     if act.batch_reason is None:
-                        if batch.full():
+                        if ready or not batch.can_join(act):  # first come, first joined
+                            if not batch.full():  # a free row, but its KV room does not fit yet
+                                self.metrics.inc("kv_admission_deferred_total", 1)
+                                log.info("request waits for KV memory before joining the batch (%d decoding, "
+                                         "%d B in slots)", len(batch), batch.cache.allocated_bytes())
                             ready.append(act)
                         else:
                             batch.join(act)
