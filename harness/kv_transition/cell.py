@@ -496,14 +496,16 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
              runtime_impl: Optional[Runtime] = None, progress: bool = False, console: Any = None,
              transport: Optional[httpx.AsyncBaseTransport] = None, watchdog_interval_s: float = 0.5,
              tensor_parallel: Optional[int] = None, digest: Optional[str] = None,
-             gate: Any = None, gate_key: Optional[str] = None, on_attempt: Any = None) -> CellResult:
+             gate: Any = None, gate_key: Optional[str] = None, on_attempt: Any = None,
+             telemetry_hub: Any = None) -> CellResult:
     """`runtime_impl` may be a runtime that lends an engine already running (the matrix runner's shared
     request-mode engines): run_cell only calls its `running()` when there is something to send.
     `gate` (runner.gate.ExampleGate, with this cell's `gate_key`): the cell is one of an interleaved group's
     cells running at the same time; its requests go out example-major with theirs (the caller leaves the
     gate when run_cell returns or raises).
     `on_attempt(run_id, request_id, attempt_no, started_at, began)`: told when each attempt begins and ends
-    (the Ray backend's record of what was in flight when a node died)."""
+    (the Ray backend's record of what was in flight when a node died).
+    `telemetry_hub` (telemetry.SharedTelemetry): the interleaved cells of one engine sample through one sampler."""
     spec, rt_name, ext_url = resolve_cell_spec(cfg, engine=engine, method=method, compression_ratio=compression_ratio,
                                                budget=budget, runtime=runtime, base_url=base_url,
                                                tensor_parallel=tensor_parallel, digest=digest)
@@ -573,14 +575,20 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
                 sampler = None
                 if cfg.telemetry.enabled:
                     want_gpu = cfg.telemetry.nvml and spec.gpu and cfg.engine.device != "cpu"
-                    sampler = TelemetrySampler(
-                        writer, run_id, cell_id, interval_s=cfg.telemetry.interval_s, nvml=want_gpu,
-                        gpu_uuids=inst.gpu_uuids, gpu_indices=spec.gpus, all_gpus_if_none=rt_name != "external",
-                        pids=inst.pids,
-                        metrics_url=(inst.base_url.rstrip("/") + spec.metrics_path)
-                        if cfg.telemetry.engine_metrics and spec.metrics_path else None,
-                        metric_names=spec.kv_usage_metrics if cfg.telemetry.engine_metrics else (),
-                    ).start()
+
+                    def make_sampler() -> TelemetrySampler:
+                        return TelemetrySampler(
+                            writer, run_id, cell_id, interval_s=cfg.telemetry.interval_s, nvml=want_gpu,
+                            gpu_uuids=inst.gpu_uuids, gpu_indices=spec.gpus, all_gpus_if_none=rt_name != "external",
+                            pids=inst.pids,
+                            metrics_url=(inst.base_url.rstrip("/") + spec.metrics_path)
+                            if cfg.telemetry.engine_metrics and spec.metrics_path else None,
+                            metric_names=spec.kv_usage_metrics if cfg.telemetry.engine_metrics else (),
+                        )
+
+                    # interleaved cells on one engine share one sampler (one reading, recorded per cell)
+                    sampler = (telemetry_hub.attach((inst.base_url, tuple(inst.pids)), make_sampler, writer, run_id,
+                                                    cell_id) if telemetry_hub is not None else make_sampler().start())
                 dog = _Watchdog(rt, inst, runner, max(watchdog_interval_s, getattr(rt, "liveness_interval_s", None) or 0))
                 dog.start()
                 try:
@@ -597,7 +605,10 @@ def run_cell(cfg: Config, paths: Paths, *, engine: Optional[str] = None, method:
                     dog.stop_ev.set()
                     dog.join(5)
                     if sampler is not None:
-                        sampler.stop()
+                        if telemetry_hub is not None:
+                            telemetry_hub.detach(run_id)
+                        else:
+                            sampler.stop()
             # after teardown: the runtime has recorded the engine's exit code
             assert stats is not None
             if engine_died and not stats.aborted:

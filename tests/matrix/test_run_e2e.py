@@ -228,4 +228,7 @@ def test_interleaved_group_sends_example_major_and_survives_an_engine_crash(expe
     assert all(_overlap(a, b) for a in mc for b in mc if a is not b)  # the cells ran at the same time
     ev = rows(conn, "SELECT COUNT(DISTINCT cell_id) n FROM events WHERE kind='interleaved'")
     assert ev[0]["n"] == 5
+    # one sampler per engine instance for the interleaved cells: each reading recorded under every run at once
+    shared = rows(conn, "SELECT t, COUNT(DISTINCT run_id) n FROM telemetry_host GROUP BY t")
+    assert shared and max(r["n"] for r in shared) == 5, shared[:5]
     conn.close()

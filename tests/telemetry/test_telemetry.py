@@ -162,3 +162,39 @@ def test_sampler_cadence(metrics_server) -> None:
         time.sleep(0.5)
     n = len(sink.table("telemetry_host"))
     assert 8 <= n <= 12 and s.sample_s / s.n_samples < 0.02
+
+
+def test_shared_telemetry_reads_once_and_records_per_cell() -> None:
+    """Interleaved cells of one engine: one sampler (the first attach starts it), every reading recorded
+    under each attached run with its cell's events; detaching the last stops it; another engine instance (a
+    restart) gets its own."""
+    import os
+
+    from kv_transition.telemetry import SharedTelemetry
+
+    hub = SharedTelemetry()
+    sinks = {r: ListSink() for r in (1, 2, 3)}
+
+    def make(run):
+        return lambda: TelemetrySampler(sinks[run], run, f"cell{run}", interval_s=3600, nvml=True, gpu_indices=[99],
+                                        pids=[os.getpid()])
+
+    a = hub.attach("inst-A", make(1), sinks[1], 1, "cell1")
+    b = hub.attach("inst-A", make(2), sinks[2], 2, "cell2")
+    assert a is b and hub.samplers_started == 1
+    a.sample_once()
+    for run in (1, 2):
+        host = sinks[run].table("telemetry_host")
+        assert [h["run_id"] for h in host] == [run] * len(host) and len(host) >= 1
+        ev = sinks[run].table("events")  # the sampler's start-up events, replayed to the later cell too
+        assert ev and {e["cell_id"] for e in ev} == {f"cell{run}"}
+    assert sinks[2].table("telemetry_host")[-1]["t"] == sinks[1].table("telemetry_host")[-1]["t"]  # one reading
+    c = hub.attach("inst-B", make(3), sinks[3], 3, "cell3")
+    assert c is not a and hub.samplers_started == 2
+    hub.detach(1)
+    n1, n2 = len(sinks[1].table("telemetry_host")), len(sinks[2].table("telemetry_host"))
+    a.sample_once()
+    assert len(sinks[1].table("telemetry_host")) == n1 and len(sinks[2].table("telemetry_host")) == n2 + 1
+    hub.detach(2)
+    hub.detach(3)
+    assert hub.samplers == {} and a._thread is None and c._thread is None

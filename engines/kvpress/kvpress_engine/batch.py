@@ -113,7 +113,7 @@ class SlotCache:
         self._ar = torch.zeros(0, dtype=torch.long, device=self.device)
         self._step_len: np.ndarray | None = None
         self._ragged: np.ndarray | None = None
-        self._masks: dict[int, torch.Tensor] = {}
+        self._masks: dict[bytes, torch.Tensor] = {}
         self._smasks: torch.Tensor | None = None
 
     # ---------------------------------------------------------------------------------------- membership
@@ -283,11 +283,7 @@ class SlotCache:
         if not self._ragged[layer]:
             return None
         # layers with the same per-row lengths share one mask (all of them, unless the press is per-layer)
-        key = layer
-        for prev in self._masks:
-            if np.array_equal(self.lens[prev, : self.n], self.lens[layer, : self.n]):
-                key = prev
-                break
+        key = self.lens[layer, : self.n].tobytes()
         mask = self._masks.get(key)
         if mask is None:
             m = int(self._step_len[layer])

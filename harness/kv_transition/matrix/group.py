@@ -106,7 +106,10 @@ class GroupRunner:
         from kv_transition.runner.gate import ExampleGate
 
         cells = group.cells
+        from kv_transition.telemetry import SharedTelemetry
+
         gate = ExampleGate([c.cell_id for c in cells], window=self.interleave_window)
+        hub = SharedTelemetry()  # one NVML reader and /metrics scraper for the cells on this engine
         n_done = [0]
         lock = threading.Lock()
         self.board.set(gpus, group=group.label, cell=f"{len(cells)} cells interleaved", cell_id="", status="running",
@@ -122,7 +125,7 @@ class GroupRunner:
                 # first, as failed requests: then the engine is dead now or was restarted meanwhile.
                 while True:
                     loads0 = max(shared.loads, 1)
-                    o = self._cell(group, cell, gpus, port, shared, gate=gate)
+                    o = self._cell(group, cell, gpus, port, shared, gate=gate, telemetry_hub=hub)
                     died = (bool(o.reason and "engine stopped" in o.reason) or shared.loads > loads0
                             or (shared.inst is not None and not shared.rt.is_running(shared.inst)))
                     if (o.status == "completed" or o.status == "skipped" or not died or self.cancel.is_set()
@@ -139,7 +142,7 @@ class GroupRunner:
             return list(pool.map(one, cells))
 
     def _cell(self, group: EngineGroup, cell: MatrixCell, gpus: tuple[int, ...], port: int,
-              shared: Optional[SharedEngine], gate: Any = None) -> CellOutcome:
+              shared: Optional[SharedEngine], gate: Any = None, telemetry_hub: Any = None) -> CellOutcome:
         started, t0 = utcnow(), time.monotonic()
         rt_impl: Optional[Runtime] = LentRuntime(shared) if shared else (
             self.runtime(cell.runtime) if cell.runtime != "external" else None)
@@ -149,6 +152,7 @@ class GroupRunner:
                                        compression_ratio=cell.compression_ratio, budget=cell.budget,
                                        runtime_impl=rt_impl, tensor_parallel=cell.tp, digest=cell.digest,
                                        **({"gate": gate, "gate_key": cell.cell_id} if gate is not None else {}),
+                                       **({"telemetry_hub": telemetry_hub} if telemetry_hub is not None else {}),
                                        **self.cell_kwargs)
             o = CellOutcome(cell, res.status, res.reason, res.n_ok, res.n_requests, gpus, group.group_id)
         except (KeyboardInterrupt, SystemExit):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import Any, Iterable, Optional, Protocol
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 import httpx
 
@@ -42,9 +42,11 @@ class TelemetrySampler:
                  gpu_indices: Iterable[int] = (), all_gpus_if_none: bool = True, pids: Iterable[int] = (),
                  metrics_url: Optional[str] = None, metric_names: Iterable[str] = (),
                  metrics_timeout_s: float = 1.0):
-        self.sink = sink
-        self.run_id = run_id
-        self.cell_id = cell_id
+        # where rows go: (sink, run_id, cell_id) per cell sampled; more than one when the cells of an
+        # interleaved group share one engine (SharedTelemetry): one reading, one row per cell
+        self._targets: list[tuple[RowSink, Optional[int], Optional[str]]] = [(sink, run_id, cell_id)]
+        self._tlock = threading.Lock()
+        self._event_rows: list[dict[str, Any]] = []  # replayed to a target added later
         self.interval_s = interval_s
         self.want_nvml = nvml
         self.gpu_uuids = list(gpu_uuids)
@@ -65,14 +67,39 @@ class TelemetrySampler:
         self.n_samples = 0
         self.sample_s = 0.0  # time spent sampling (overhead)
 
+    @property
+    def run_id(self) -> Optional[int]:
+        return self._targets[0][1] if self._targets else None
+
+    # --- targets ---
+    def add_target(self, sink: RowSink, run_id: Optional[int], cell_id: Optional[str]) -> None:
+        """Also record every later sample for this run (and the events so far, once)."""
+        with self._tlock:
+            self._targets = [*self._targets, (sink, run_id, cell_id)]
+            events = list(self._event_rows)
+        for row in events:
+            sink.insert("events", {**row, "run_id": run_id, "cell_id": cell_id})
+
+    def remove_target(self, run_id: Optional[int]) -> int:
+        """Stop recording for this run; returns how many targets are left."""
+        with self._tlock:
+            self._targets = [t for t in self._targets if t[1] != run_id]
+            return len(self._targets)
+
+    def _insert(self, table: str, row: dict[str, Any], with_cell: bool = False) -> None:
+        for sink, run_id, cell_id in self._targets:  # a snapshot: add/remove replace the list
+            sink.insert(table, {**row, "run_id": run_id, **({"cell_id": cell_id} if with_cell else {})})
+
     # --- events (each kind once per sampler) ---
     def event(self, kind: str, message: str, *, level: str = "warning", data: Any = None, once: bool = True) -> None:
         if once and kind in self._events:
             return
         self._events.add(kind)
-        self.sink.insert("events", {"run_id": self.run_id, "cell_id": self.cell_id, "t": time.time(),
-                                    "level": level, "kind": kind, "message": message,
-                                    "data_json": json.dumps(data) if data is not None else None})
+        row = {"t": time.time(), "level": level, "kind": kind, "message": message,
+               "data_json": json.dumps(data) if data is not None else None}
+        with self._tlock:
+            self._event_rows.append(row)
+        self._insert("events", row, with_cell=True)
 
     # --- setup / teardown ---
     def open(self) -> "TelemetrySampler":
@@ -111,9 +138,9 @@ class TelemetrySampler:
         t = time.time()
         if self.gpu is not None and self.gpu.gpus:
             for row in self.gpu.sample():
-                self.sink.insert("telemetry_gpu", {"run_id": self.run_id, "t": t, **row})
+                self._insert("telemetry_gpu", {"t": t, **row})
         if self.host is not None:
-            self.sink.insert("telemetry_host", {"run_id": self.run_id, "t": t, **self.host.sample()})
+            self._insert("telemetry_host", {"t": t, **self.host.sample()})
         if self._metrics_on and self._http is not None:
             self._scrape(t)
         self.n_samples += 1
@@ -136,9 +163,8 @@ class TelemetrySampler:
         samples = parse_prometheus(r.text, self.metric_names)
         for s in samples:
             self._seen_metric.add(s.name)
-            self.sink.insert("telemetry_engine_metric", {
-                "run_id": self.run_id, "t": t, "metric": s.name,
-                "labels_json": json.dumps(dict(s.labels), sort_keys=True), "value": s.value})
+            self._insert("telemetry_engine_metric", {
+                "t": t, "metric": s.name, "labels_json": json.dumps(dict(s.labels), sort_keys=True), "value": s.value})
         if not samples and "kv_metric_missing" not in self._events and self.n_samples >= 2:
             self.event("kv_metric_missing", f"none of {self.metric_names} in {self.metrics_url}",
                        data={"names": self.metric_names})
@@ -177,3 +203,38 @@ class TelemetrySampler:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+class SharedTelemetry:
+    """One sampler per engine instance for the cells of an interleaved group, which share that engine: the first
+    cell to attach starts it, later cells are added as targets (each sample is read once and recorded once per
+    cell, under that cell's run), and the last to detach stops it. Without it N interleaved cells read NVML and
+    scrape the engine's /metrics N times per interval. ``key`` names the instance: cells resumed on a restarted
+    engine (new processes) get a sampler of their own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.samplers: dict[Any, TelemetrySampler] = {}
+        self._of_run: dict[Optional[int], Any] = {}
+        self.samplers_started = 0
+
+    def attach(self, key: Any, make: Callable[[], TelemetrySampler], sink: RowSink, run_id: Optional[int],
+               cell_id: Optional[str]) -> TelemetrySampler:
+        """``make()`` builds this cell's sampler (sink/run/cell as its first target) when none runs for ``key``."""
+        with self._lock:
+            sampler = self.samplers.get(key)
+            if sampler is None:
+                sampler = self.samplers[key] = make().start()
+                self.samplers_started += 1
+            else:
+                sampler.add_target(sink, run_id, cell_id)
+            self._of_run[run_id] = key
+            return sampler
+
+    def detach(self, run_id: Optional[int]) -> None:
+        with self._lock:
+            key = self._of_run.pop(run_id, None)
+            sampler = self.samplers.get(key)
+            if sampler is not None and sampler.remove_target(run_id) == 0:
+                sampler.stop()
+                del self.samplers[key]
