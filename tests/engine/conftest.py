@@ -61,6 +61,21 @@ def start_engine(args: list[str], log_path: Path) -> subprocess.Popen:
     )
 
 
+def wait_healthy(proc: subprocess.Popen, base_url: str, log_path: Path) -> None:
+    """Until the engine started with start_engine answers /health 200 (fails with its log tail if it exits or
+    takes longer than READY_TIMEOUT_S)."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
+        assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
+        try:
+            if httpx.get(base_url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+
+
 def stop_engine(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -5,12 +5,11 @@ Nothing is refused or lost, and the answers are what decoding alone gives."""
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
 
-from .conftest import READY_TIMEOUT_S, free_port, start_engine, stop_engine
+from .conftest import free_port, start_engine, stop_engine, wait_healthy
 
 pytestmark = pytest.mark.engine
 
@@ -51,16 +50,7 @@ def limited_server(tmp_path_factory):
                          "--kv-cache-limit-gib", str(LIMIT_BYTES / 2**30)], log)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            try:
-                if httpx.get(base + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(proc, base, log)
         yield base, log
     finally:
         stop_engine(proc)

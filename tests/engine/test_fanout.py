@@ -213,27 +213,14 @@ def test_generate_many_shares_the_prefill_and_decodes_as_alone(engine, scope):
 def fanout_server(tmp_path_factory):
     """An engine whose requests wait up to 3 s for others of the same prompt (so concurrent clients on a
     loaded machine are grouped for sure)."""
-    import time
-
-    import httpx
-
-    from .conftest import READY_TIMEOUT_S, free_port, start_engine, stop_engine
+    from .conftest import free_port, start_engine, stop_engine, wait_healthy
 
     port = free_port()
     log = tmp_path_factory.mktemp("fanout_engine") / "engine.log"
     proc = start_engine(["--port", str(port), "--threads", "1", "--fanout-wait-ms", "3000"], log)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            try:
-                if httpx.get(base + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(proc, base, log)
         yield base
     finally:
         stop_engine(proc)
