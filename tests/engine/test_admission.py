@@ -45,8 +45,9 @@ def test_slot_plans_double_rows_unless_the_limit_says_one_more():
 def limited_server(tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("limited_engine") / "engine.log"
-    # requests of one prompt wait up to 3 s for each other (one fan-out group: a fixed arrival order)
-    proc = start_engine(["--port", str(port), "--threads", "1", "--fanout-wait-ms", "3000",
+    # requests of one prompt wait up to 3 s for each other (one fan-out group: a fixed arrival order); static
+    # decoding steps: the CUDA graphs' computation, uncaptured, through the server's whole path
+    proc = start_engine(["--port", str(port), "--threads", "1", "--fanout-wait-ms", "3000", "--decode-step", "static",
                          "--kv-cache-limit-gib", str(LIMIT_BYTES / 2**30)], log)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -93,6 +94,7 @@ def test_requests_over_the_kv_limit_wait_for_rows_and_answer_as_alone(limited_se
         assert got[i]["usage"]["completion_tokens"] == mx[i]
         assert s["shared_prefill_with"] == len(mx)  # all four were prefilled together, then admitted by memory
         assert s["batch_size_max"] <= 2, s
+        assert s["decode_step"] == "static" and a["kv_press_applied"]["decode_step"] == "static"
     assert max(g["kv_press_applied"]["batch_size_max"] for g in got.values()) == 2
     assert _metric(base, "kvpress:kv_admission_deferred_total") - deferred == 2
     assert "waits for KV memory" in log.read_text()
