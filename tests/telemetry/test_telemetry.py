@@ -180,6 +180,10 @@ def test_shared_telemetry_reads_once_and_records_per_cell() -> None:
                                         pids=[os.getpid()])
 
     a = hub.attach("inst-A", make(1), sinks[1], 1, "cell1")
+    deadline = time.monotonic() + 10
+    while not sinks[1].table("telemetry_host"):  # the thread's first reading; the next one is an hour away
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     b = hub.attach("inst-A", make(2), sinks[2], 2, "cell2")
     assert a is b and hub.samplers_started == 1
     a.sample_once()
