@@ -154,8 +154,8 @@ class SlotCache:
         """What the slot buffers would hold (bytes) with one more row of these per-layer lengths + ``extra``."""
         return self._plan_bytes(*self._join_plan(lens, extra))
 
-    def _grow(self, slots: int, caps: list[int], exact: bool = False) -> None:
-        self._apply(*self._plan(slots, caps, exact))
+    def _grow(self, slots: int, caps: list[int]) -> None:
+        self._apply(*self._plan(slots, caps))
 
     def _apply(self, new_slots: int, new_caps: list[int]) -> None:
         for l in range(self.L):
@@ -354,10 +354,12 @@ def resolve_step_mode(mode: str, device: torch.device) -> str:
     return mode
 
 
-def static_forward(model, c: SlotCache, b: int, fused: "Fused | None" = None) -> torch.Tensor:
-    """One decoding step over rows 0..b-1 of ``c`` (rows >= c.n are padding) with shapes that depend on
-    ``b`` and the buffers only; returns the greedy next token of every row, (b,) on the device."""
-    c.static_rows, c._smasks = b, None
+def forward_step(model, c: SlotCache, b: int, fused: "Fused | None" = None, static: bool = True) -> torch.Tensor:
+    """One decoding step over rows 0..b-1 of ``c``; returns the greedy next token of every row, (b,) on the
+    device. ``static``: rows >= c.n are padding and every shape depends on ``b`` and the buffers only (what a
+    CUDA graph captures); otherwise ``b`` is c.n and the shapes come from the lengths (c.prepare_step first)."""
+    if static:
+        c.static_rows, c._smasks = b, None
     try:
         with use_attention(model, ATTN_NAME), decode_kernels(c.device), (fused or contextlib.nullcontext()):
             out = model(input_ids=c.tokens[:b, None], position_ids=c.pos[:b, None], past_key_values=c,
@@ -418,7 +420,7 @@ _MISSING = object()
 
 
 class StepGraphs:
-    """CUDA graphs of :func:`static_forward`, one per bucket of the current buffer generation.
+    """CUDA graphs of :func:`forward_step`, one per bucket of the current buffer generation.
 
     Capturing runs the step (twice on a side stream to warm up, once under capture): each run writes this
     step's keys and values at every row's next free position, which the replay then overwrites with the same
@@ -461,7 +463,7 @@ class StepGraphs:
         with torch.cuda.stream(side):
             for i in range(self.warmup):
                 try:
-                    static_forward(model, c, b, self.fused)
+                    forward_step(model, c, b, self.fused)
                 except Exception as e:  # noqa: BLE001 - the compiled blocks failed: capture unfused
                     if self.fused is None:
                         raise
@@ -471,12 +473,12 @@ class StepGraphs:
                         "compiling the decoding step's blocks failed, capturing them unfused: %s: %s",
                         type(e).__name__, e)
                     self.fused, self.fuse_reason = None, f"{type(e).__name__}: {e}"
-                    static_forward(model, c, b)
+                    forward_step(model, c, b)
         torch.cuda.current_stream(c.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA work of another thread (metrics, NVML) does not break this thread's capture
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            out = static_forward(model, c, b, self.fused)
+            out = forward_step(model, c, b, self.fused)
         self.captures += 1
         self.capture_s += time.perf_counter() - t
         return graph, out

@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from transformers import DynamicCache
 
-from .batch import ATTN_NAME, SlotCache, StepGraphs, decode_kernels, resolve_step_mode, static_forward, use_attention
+from .batch import ATTN_NAME, SlotCache, StepGraphs, decode_kernels, forward_step, resolve_step_mode, use_attention
 from . import fanout
 from .build import BuiltPress, bind_tokenizer, build_press, clear_masks, masked_per_layer
 from .detok import Detokenizer
@@ -351,7 +350,7 @@ class Engine:
     def resume(self, act: "Active", pf: fanout.Prefilled, input_ids: torch.Tensor | None = None) -> "Active":
         """After its (own or shared) context prefill: the question pass (split scopes) and the first token,
         under the request's attention implementation, masks and decoding-time press."""
-        spec, built, enc = act.spec, act.built, act.enc
+        built, enc = act.built, act.enc
         n = len(enc.ids)
         split = enc.split if act.split_scope else None
         model = self.model
@@ -753,13 +752,10 @@ class Batch:
                 self.mode, self.mode_reason = "static", f"capture failed: {type(e).__name__}: {e}"
                 self.graphs.reset()
         if nxt is None and self.mode == "static":
-            nxt = static_forward(model, c, c.bucket(n), self.engine.fused())[:n]
+            nxt = forward_step(model, c, c.bucket(n), self.engine.fused())[:n]
         elif nxt is None:
             c.prepare_step()
-            with use_attention(model, ATTN_NAME), decode_kernels(c.device):
-                out = model(input_ids=c.tokens[:n, None], position_ids=c.pos[:n, None], past_key_values=c,
-                            cache_position=c.pos[:1], use_cache=True, kvt_batch=c, logits_to_keep=1)
-            nxt = out.logits[:, -1].argmax(-1)
+            nxt = forward_step(model, c, n, static=False)
         c.tokens[:n] = nxt
         c.finish_step()
         self.steps += 1

@@ -45,6 +45,21 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
+
+def _emit_error(job, e: BaseException, what: str | None) -> None:
+    """Answer a job's failure: 400 for a bad request or press (the request's fault, with its param), else 500
+    (logged with ``what``; ``None``: the caller logged it)."""
+    from .engine import RequestError
+
+    if isinstance(e, RequestError):
+        job.emit("error", 400, e.message, e.param, e.code)
+    elif isinstance(e, PressSpecError):
+        job.emit("error", 400, e.message, e.param, None)
+    else:
+        if what is not None:
+            log.error("%s", what, exc_info=e)
+        job.emit("error", 500, f"internal error: {type(e).__name__}: {e}", None, None)
+
 class State:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
@@ -198,7 +213,7 @@ class State:
                     log.exception("decoding step failed")
                     for act in list(batch.active):
                         batch._leave(act)
-                        act.job.emit("error", 500, f"internal error: {type(e).__name__}: {e}", None, None)
+                        _emit_error(act.job, e, None)  # logged once above
                         self._release()
                     continue
                 self.metrics.inc("decode_steps_total", 1)
@@ -234,8 +249,6 @@ class State:
 
     def _encode(self, job: Job) -> bool:
         """Tokenize a job taken off the queue (False: it was answered with an error and is done)."""
-        from .engine import RequestError
-
         eng, req = self.engine, job.req
         try:
             if job.cancel.is_set():
@@ -252,13 +265,8 @@ class State:
             job.max_new = eng.check_length(len(job.enc.ids), max_req, self.cfg.default_max_tokens)
             job.key = eng.prefill_key(job.enc, job.spec)
             return True
-        except RequestError as e:
-            job.emit("error", 400, e.message, e.param, e.code)
-        except PressSpecError as e:
-            job.emit("error", 400, e.message, e.param, None)
-        except Exception as e:  # noqa: BLE001
-            log.exception("tokenization failed")
-            job.emit("error", 500, f"internal error: {type(e).__name__}: {e}", None, None)
+        except Exception as e:  # noqa: BLE001 - answered as an OpenAI error
+            _emit_error(job, e, "tokenization failed")
         return False
 
     def _release(self) -> None:
@@ -286,15 +294,14 @@ class State:
             res = self.engine.result(act)
             self._account(res)
             job.emit("done", res)
-        except Exception as e:  # noqa: BLE001
-            log.exception("generation failed")
-            job.emit("error", 500, f"internal error: {type(e).__name__}: {e}", None, None)
+        except Exception as e:  # noqa: BLE001 - answered as an OpenAI error
+            _emit_error(job, e, "generation failed")
         self._release()
 
     def _admit_group(self, group: list[Job], batch, ready) -> None:
         """Prefill a group of jobs with the same prefill input (one fan-out pass when there are several), then
         each in turn: into the batch (or the ready queue when the batch is full), decoded alone, or done."""
-        from .engine import RequestError, Variant
+        from .engine import Variant
 
         eng = self.engine
         for job in group:
@@ -339,13 +346,8 @@ class State:
                 res = eng.result(act)
                 self._account(res)
                 job.emit("done", res)
-            except RequestError as e:
-                job.emit("error", 400, e.message, e.param, e.code)
-            except PressSpecError as e:
-                job.emit("error", 400, e.message, e.param, None)
-            except Exception as e:  # noqa: BLE001
-                log.exception("generation failed")
-                job.emit("error", 500, f"internal error: {type(e).__name__}: {e}", None, None)
+            except Exception as e:  # noqa: BLE001 - answered as an OpenAI error
+                _emit_error(job, e, "generation failed")
             self._release()
 
     def _account(self, res) -> None:
