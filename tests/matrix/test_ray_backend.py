@@ -328,6 +328,10 @@ def test_smoke_matrix_real_kvpress_on_ray_node_killed_same_report(tmp_path: Path
     monkeypatch.setenv("KVT_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
+    # 6 examples x 4 cells: on a lightly loaded box the tiny model answered 3 x 4 before the driver's first
+    # pull showed 2 and the kill found the matrix over (CI, 2026-12-02)
+    n_ex = 6
+
     def setup(root: Path, port: int) -> tuple[Any, Any, Path]:
         shutil.copytree(tokenizer_cache, root / "data" / "tokenizers", dirs_exist_ok=True)
         cpath = write_yaml(root / "config.yaml", {
@@ -338,7 +342,7 @@ def test_smoke_matrix_real_kvpress_on_ray_node_killed_same_report(tmp_path: Path
         paths = resolve_paths(cfg, cwd=root)
         conn = connect(paths.db)
         record_experiment(conn, cfg)
-        write_db(conn, scorable_manifest(paths.dataset_id, 3), paths.manifest, cfg.experiment.group_id)
+        write_db(conn, scorable_manifest(paths.dataset_id, n_ex), paths.manifest, cfg.experiment.group_id)
         conn.close()
         return cfg, paths, cpath
 
@@ -360,7 +364,7 @@ def test_smoke_matrix_real_kvpress_on_ray_node_killed_same_report(tmp_path: Path
     s = box["s"]
     assert s.ok, [(o.cell.label, o.reason) for o in s.outcomes]
     conn = connect(paths.db)
-    assert _exactly_once(conn) == (12, 12)
+    assert _exactly_once(conn) == (4 * n_ex, 4 * n_ex)
     assert rows(conn, "SELECT COUNT(*) n FROM runs WHERE status='killed' AND pid=?", (node["pid"],))[0]["n"] >= 1
     applied = [r["kv_applied_json"] for r in rows(conn, "SELECT kv_applied_json FROM responses")]
     assert any(a and "snapkv" in a for a in applied), applied
